@@ -1,0 +1,71 @@
+"""The default s9jax recipe: the `s9net` network (190,738 params) trained to >= 85% on
+CIFAR-10 on a 2-core CPU.
+
+Run:   python -m s9jax.train --config configs/base.py --workdir runs/base
+Smoke: python -m s9jax.train --config configs/base.py:smoke --workdir /tmp/smoke
+Expected (CIFAR-10 JPEG copy, 2-core CPU): see the README's results table, which records
+the measured time and accuracy of this exact file.
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = ""):
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "image_folder"          # 'tfds' (official, needs internet+TF) or 'image_folder'.
+  c.data.source_path = "../shared/data/cifar10-jpeg.tar.xz"
+  c.data.data_dir = "~/tensorflow_datasets"
+  c.data.train_limit = 0                  # >0: first N images only (smoke runs, tests).
+  c.data.test_limit = 0
+  c.data.workers = 2                      # Augmentation threads, overlapped with the step.
+
+  # Every training trick, named once, with its units.
+  c.augment = ml_collections.ConfigDict()
+  c.augment.image_size = 32               # Resize(32, 32), as the reference.
+  c.augment.hflip_p = 0.5                 # HorizontalFlip.
+  c.augment.affine_p = 0.5                # ShiftScaleRotate (as Affine): p, then its ranges:
+  c.augment.shift = 0.05                  #   fraction of the side,
+  c.augment.scale = 0.05                  #   +- fraction,
+  c.augment.rotate = 15.0                 #   degrees.
+  c.augment.cutout_p = 0.5                # CoarseDropout: one hole of the dataset mean,
+  c.augment.cutout_size = 16              #   pixels a side.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "s9net"
+  c.model.conv_impl = "auto"              # 'auto': fast shifted/matmul convs on CPU, lax on GPU/TPU.
+  c.model.stem_width = 24
+  c.model.widths = (48, 96, 160)          # Channels at 16x16, 8x8, 4x4.
+  c.model.depths = (1, 2, 2)              # Residual separable blocks per stage.
+  c.model.separable_down = (False, True, True)  # Dense or separable dilated strided conv.
+  c.model.block_dilations = (1, 1, 1)
+  c.model.dropout = 0.0                   # Before the classifier.
+
+  c.num_epochs = 24
+  c.batch_size = 256
+  c.eval_batch_size = 500
+  c.optimizer = "sgd"                     # SGD, Nesterov momentum.
+  c.learning_rate = 0.2                   # Peak, per batch of 256.
+  c.momentum = 0.9
+  c.nesterov = True
+  c.weight_decay = 5e-4                   # L2 on conv kernels only (not BatchNorm).
+  c.schedule = "onecycle"                 # Linear warm-up, then linear decay to zero.
+  c.warmup_epochs = 2.0
+  c.label_smoothing = 0.1
+  c.eval_flip = True                      # Test-time augmentation: average with the mirror.
+
+  c.checkpoint_keep = 3                   # Latest N kept, plus the best by test accuracy.
+  c.allow_constraint_violation = False    # Refuse to train a network that breaks S9's rules.
+  c.plots = True
+
+  if variant == "smoke":                  # Seconds, not minutes: the CLI end to end.
+    c.data.train_limit = 512
+    c.data.test_limit = 256
+    c.num_epochs = 1
+    c.batch_size = 128
+    c.eval_batch_size = 128
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of configs/base.py (known: 'smoke')")
+  return c

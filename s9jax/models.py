@@ -1,0 +1,152 @@
+"""The S9 networks in Flax Linen: their building blocks, the reference-faithful `seed`
+network and the default `s9net`.
+
+Every convolution is a plain `nn.Conv` (kernel shape HWIO, `feature_group_count` for
+depthwise, `kernel_dilation` for dilated), so the parameter tree and the receptive-field
+tracer see the canonical form; `conv_impl` only swaps the function that computes it
+(see ops.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from s9jax import ops
+
+NUM_CLASSES = 10
+
+
+def conv_factory(conv_impl: str):
+  """nn.Conv without bias (BatchNorm follows every conv but the last) and with the
+  chosen convolution function."""
+  return functools.partial(nn.Conv, use_bias=False,
+                           conv_general_dilated=ops.conv_function(conv_impl))
+
+
+class SeparableConv(nn.Module):
+  """Depthwise-separable conv: a 3x3 conv with one group per input channel, then a 1x1."""
+  features: int
+  strides: int = 1
+  dilation: int = 1
+  padding: int | None = None  # None: 'same' for the dilation.
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x):
+    conv = conv_factory(self.conv_impl)
+    pad = self.dilation if self.padding is None else self.padding
+    x = conv(x.shape[-1], (3, 3), strides=self.strides, padding=pad,
+             kernel_dilation=self.dilation, feature_group_count=x.shape[-1],
+             name="depthwise")(x)
+    return conv(self.features, (1, 1), name="pointwise")(x)
+
+
+def global_average_pool(x):
+  return jnp.mean(x, axis=(1, 2))
+
+
+class Seed(nn.Module):
+  """Port of the reference PyTorch S9 network: 198,776 parameters.
+
+  Per block: conv -> ReLU -> BN -> dropout, with the reference's widths, no biases,
+  padding 2 on every 3x3 conv (so the maps grow by 2 before each downsampling and the
+  GAP sees 7x7), dilation 2 on the first three downsampling convs.
+  """
+  dropout: float = 0.01
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    conv = conv_factory(self.conv_impl)
+
+    def relu_bn_drop(y):
+      y = nn.relu(y)
+      y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(y)
+      return nn.Dropout(self.dropout, deterministic=not train)(y)
+
+    def sep(features, y):
+      return relu_bn_drop(SeparableConv(features, padding=2, conv_impl=self.conv_impl)(y))
+
+    def down(features, y, dilation=2):
+      return relu_bn_drop(conv(features, (3, 3), strides=2, padding=2,
+                               kernel_dilation=dilation)(y))
+
+    x = relu_bn_drop(conv(128, (3, 3), padding=2)(x))          # 32 -> 34
+    x = down(32, sep(64, x))                                     # 36 -> 18
+    x = down(32, sep(70, sep(256, x)))                           # 22 -> 11
+    x = down(32, sep(128, sep(128, x)))                          # 15 -> 8
+    x = down(80, sep(64, sep(100, x)), dilation=1)               # 12 -> 7
+    x = global_average_pool(x)
+    return conv(NUM_CLASSES, (1, 1))(x[:, None, None, :])[:, 0, 0, :]
+
+
+class ResidualSeparable(nn.Module):
+  """x + (sep-conv -> BN -> ReLU) twice: the work-horse block of `S9Net`."""
+  dilation: int = 1
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    y = x
+    for _ in range(2):
+      y = SeparableConv(x.shape[-1], dilation=self.dilation, conv_impl=self.conv_impl)(y)
+      y = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(y))
+    return x + y
+
+
+class S9Net(nn.Module):
+  """The default network: a plain 3x3 stem, then per stage a dilated strided 3x3 conv
+  (the downsampling: stride 2, dilation 2, so it widens the receptive field as it halves
+  the map) and residual depthwise-separable blocks, then GAP and a 1x1 to the logits.
+
+  Chosen for accuracy per second on CPU: most work happens at 16x16 and below, and the
+  last stage's downsampling is separable to stay under the parameter cap.
+  """
+  stem_width: int = 24
+  widths: Sequence[int] = (48, 96, 192)
+  depths: Sequence[int] = (1, 2, 2)
+  separable_down: Sequence[bool] = (False, False, True)
+  block_dilations: Sequence[int] = (1, 1, 1)
+  dropout: float = 0.0
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    conv = conv_factory(self.conv_impl)
+
+    def bn_relu(y):
+      return nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(y))
+
+    x = bn_relu(conv(self.stem_width, (3, 3), padding=1)(x))
+    for width, depth, separable, dilation in zip(self.widths, self.depths,
+                                                 self.separable_down, self.block_dilations):
+      if separable:
+        x = SeparableConv(width, strides=2, dilation=2, conv_impl=self.conv_impl)(x)
+      else:
+        x = conv(width, (3, 3), strides=2, padding=2, kernel_dilation=2)(x)
+      x = bn_relu(x)
+      for _ in range(depth):
+        x = ResidualSeparable(dilation=dilation, conv_impl=self.conv_impl)(x, train)
+    x = global_average_pool(x)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    conv_out = nn.Conv(NUM_CLASSES, (1, 1), conv_general_dilated=ops.conv_function(self.conv_impl))
+    return conv_out(x[:, None, None, :])[:, 0, 0, :]
+
+
+def create_model(model_config, conv_impl: str | None = None) -> nn.Module:
+  """Builds the network a config names. `conv_impl` overrides the config's choice
+  (the constraint report always analyses the canonical 'lax' form)."""
+  impl = conv_impl or model_config.conv_impl
+  if model_config.name == "seed":
+    return Seed(dropout=model_config.dropout, conv_impl=impl)
+  if model_config.name == "s9net":
+    return S9Net(stem_width=model_config.stem_width, widths=tuple(model_config.widths),
+                 depths=tuple(model_config.depths),
+                 separable_down=tuple(model_config.separable_down),
+                 block_dilations=tuple(model_config.block_dilations),
+                 dropout=model_config.dropout, conv_impl=impl)
+  raise ValueError(f"unknown model.name {model_config.name!r}: expected 'seed' or 's9net'")

@@ -1,0 +1,310 @@
+"""Training: state, the jitted train and eval steps, the epoch loop, Orbax checkpoints.
+
+    python -m s9jax.train --config configs/base.py --workdir runs/base [--config.key=value]
+
+Rerunning the same command with the same workdir resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from flax.training import train_state
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from s9jax import input_pipeline, models, plots, receptive_field
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+class ConfigError(Exception):
+  """A config or workdir that cannot be trained as asked."""
+
+
+# ------------------------------------------------------------------ state and steps
+
+def create_learning_rate_fn(config, steps_per_epoch: int):
+  if config.schedule == "constant":
+    return optax.constant_schedule(config.learning_rate)
+  if config.schedule == "onecycle":
+    total = config.num_epochs * steps_per_epoch
+    warmup = max(1, int(config.warmup_epochs * steps_per_epoch))
+    return optax.join_schedules([
+        optax.linear_schedule(config.learning_rate / 10, config.learning_rate, warmup),
+        optax.linear_schedule(config.learning_rate, 0.0, max(1, total - warmup)),
+    ], boundaries=[warmup])
+  raise ConfigError(f"schedule must be 'constant' or 'onecycle', got {config.schedule!r}")
+
+
+def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
+  if config.optimizer != "sgd":
+    raise ConfigError(f"optimizer must be 'sgd', got {config.optimizer!r}")
+  # Decay conv kernels only: BatchNorm scales and biases are not weights to shrink.
+  kernels = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: path[-1].key == "kernel", params)
+  return optax.chain(
+      optax.add_decayed_weights(config.weight_decay, mask=kernels),
+      optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov))
+
+
+def create_train_state(config, rng, learning_rate_fn) -> TrainState:
+  model = models.create_model(config.model)
+  size = config.augment.image_size
+  variables = jax.jit(model.init, static_argnames="train")(
+      {"params": rng}, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                           batch_stats=variables["batch_stats"],
+                           tx=create_optimizer(config, learning_rate_fn))
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+@functools.partial(jax.jit, static_argnames=("label_smoothing",), donate_argnums=0)
+def train_step(state: TrainState, batch, dropout_rng, label_smoothing: float = 0.0):
+  """One SGD step on one batch. Pure: the dropout key is folded with the step number,
+  so a resumed run draws the same masks."""
+  rng = jax.random.fold_in(dropout_rng, state.step)
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+        mutable=["batch_stats"], rngs={"dropout": rng})
+    loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+    return loss, (logits, updates["batch_stats"])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+  return state, {"loss": loss, "accuracy": accuracy}
+
+
+@functools.partial(jax.jit, static_argnames=("flip",))
+def eval_step(state: TrainState, batch, flip: bool = False):
+  """Sums over the unmasked examples, and each example's prediction. With `flip`, the
+  logits are averaged with those of the mirrored image (test-time augmentation)."""
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  logits = state.apply_fn(variables, batch["image"], train=False)
+  if flip:
+    logits = (logits + state.apply_fn(variables, batch["image"][:, :, ::-1], train=False)) / 2
+  mask = batch["mask"]
+  predictions = jnp.argmax(logits, -1)
+  return {"loss_sum": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+          "correct": jnp.sum((predictions == batch["label"]) * mask),
+          "count": jnp.sum(mask)}, predictions
+
+
+def evaluate(state, images, labels, batch_size: int, flip: bool):
+  """Test loss, accuracy and every prediction, over the whole normalised split."""
+  totals = {"loss_sum": 0.0, "correct": 0, "count": 0}
+  predictions = []
+  for batch in input_pipeline.eval_batches(images, labels, batch_size):
+    sums, pred = eval_step(state, batch, flip=flip)
+    for key, value in jax.device_get(sums).items():
+      totals[key] += value
+    predictions.append(np.asarray(pred)[batch["mask"]])
+  count = int(totals["count"])
+  return {"test_loss": float(totals["loss_sum"]) / count,
+          "test_accuracy": int(totals["correct"]) / count}, np.concatenate(predictions)
+
+
+# ------------------------------------------------------------------ checkpoints, files
+
+def checkpoint_manager(workdir, keep: int) -> ocp.CheckpointManager:
+  # Keep the latest `keep` and the best by test accuracy. Plain max_to_keep + best_fn
+  # would keep the best N and could delete the newest, so resume would go backwards.
+  policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+      ocp.checkpoint_managers.LatestN(n=keep),
+      ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["test_accuracy"], n=1),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, best_fn=lambda m: m["test_accuracy"], best_mode="max",
+      enable_async_checkpointing=False)
+  return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints",
+                               options=options)
+
+
+def restore_checkpoint(manager, step: int, abstract_state: TrainState):
+  """(state, meta) of checkpoint `step`; meta holds the epoch record and data stats."""
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  return restored["state"], restored["meta"]
+
+
+def read_metrics(workdir) -> list[dict]:
+  path = pathlib.Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_metrics(workdir, records: list[dict]):
+  path = pathlib.Path(workdir) / METRICS_FILE
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+  os.replace(tmp, path)
+
+
+def check_workdir_config(workdir, config):
+  """A workdir belongs to one network and data source: resuming another is an error."""
+  path = pathlib.Path(workdir) / CONFIG_FILE
+  current = json.loads(config.to_json())
+  if path.exists():
+    previous = json.loads(path.read_text())
+    for section in ("model", "data", "augment"):
+      if previous.get(section) != current[section]:
+        raise ConfigError(
+            f"{workdir} holds a run with a different '{section}' config; use a new --workdir "
+            "(or delete that one) to train this config")
+  path.write_text(json.dumps(current, indent=2))
+
+
+# ------------------------------------------------------------------ the loop
+
+def constraint_report(config) -> receptive_field.Report:
+  report = receptive_field.analyse_config(config)
+  print(report.format(), flush=True)
+  if not report.passed and not config.allow_constraint_violation:
+    raise ConfigError("the network breaks S9 constraints (" + "; ".join(report.failures())
+                      + "); set --config.allow_constraint_violation=True to train it anyway")
+  return report
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Trains config in workdir (resuming if it holds checkpoints); returns the metrics."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  check_workdir_config(workdir, config)
+  report = constraint_report(config)
+
+  train_images, train_labels = input_pipeline.load_split(config.data, "train")
+  test_images, test_labels = input_pipeline.load_split(config.data, "test")
+  mean, std = input_pipeline.channel_stats(train_images)  # Train and test alike.
+  test_inputs = input_pipeline.normalize(test_images, mean, std)
+  batches = input_pipeline.TrainBatches(
+      train_images, train_labels,
+      lambda: input_pipeline.train_transform(config.augment, mean, std),
+      config.batch_size, config.seed, workers=config.data.workers)
+  steps_per_epoch = batches.steps_per_epoch
+
+  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
+  init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  state = create_train_state(config, init_rng, learning_rate_fn)
+  manager = checkpoint_manager(workdir, config.checkpoint_keep)
+  records = read_metrics(workdir)
+  start_epoch = 0
+  if manager.latest_step() is not None:
+    state, meta = restore_checkpoint(manager, manager.latest_step(), state)
+    start_epoch = meta["epoch"]
+    records = [r for r in records if r["epoch"] <= start_epoch]
+    print(f"Resumed from {workdir} at epoch {start_epoch} (step {int(state.step)}).", flush=True)
+  elif config.plots:
+    preview = batches.preview(32)
+    plots.image_grid(workdir / "augmentations.png", preview["image"],
+                     [input_pipeline.CLASS_NAMES[l] for l in preview["label"]], mean, std,
+                     suptitle="training augmentations (epoch 0)")
+
+  print(f"Training {config.model.name}: {report.total_params:,} params, "
+        f"{len(train_images):,} train / {len(test_images):,} test images, "
+        f"{steps_per_epoch} steps of {config.batch_size} per epoch, "
+        f"epochs {start_epoch + 1}..{config.num_epochs}, backend {jax.default_backend()}",
+        flush=True)
+  elapsed = records[-1]["elapsed_seconds"] if records else 0.0
+  meta_common = {"mean": mean.tolist(), "std": std.tolist(), "config": config.to_dict()}
+  for epoch in range(start_epoch + 1, config.num_epochs + 1):
+    started = time.time()
+    step_metrics = []
+    bar = tqdm(batches.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch}/{config.num_epochs}",
+               leave=False, dynamic_ncols=True, mininterval=2.0, file=sys.stdout)
+    for i, batch in enumerate(bar):
+      state, metrics = train_step(state, batch, dropout_rng, config.label_smoothing)
+      step_metrics.append(metrics)
+      if i % 20 == 0:
+        shown = jax.device_get(metrics)
+        bar.set_postfix(loss=f"{shown['loss']:.3f}", acc=f"{shown['accuracy']:.3f}")
+    bar.close()
+    train_metrics = {k: float(np.mean([m[k] for m in jax.device_get(step_metrics)]))
+                     for k in ("loss", "accuracy")}
+    test_metrics, _ = evaluate(state, test_inputs, test_labels, config.eval_batch_size,
+                               config.eval_flip)
+    seconds = time.time() - started
+    elapsed += seconds
+    record = {"epoch": epoch, "step": int(state.step),
+              "train_loss": train_metrics["loss"], "train_accuracy": train_metrics["accuracy"],
+              **test_metrics,
+              "learning_rate": float(learning_rate_fn(int(state.step) - 1)),
+              "epoch_seconds": round(seconds, 2), "elapsed_seconds": round(elapsed, 2)}
+    manager.save(int(state.step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave({"epoch": epoch, "record": record, **meta_common})),
+        metrics={"test_accuracy": record["test_accuracy"]})
+    manager.wait_until_finished()
+    records.append(record)
+    write_metrics(workdir, records)
+    if config.plots:
+      plots.learning_curves(workdir / "learning_curves.png", records)
+    print(f"epoch {epoch:3d}  train loss {record['train_loss']:.4f} acc {100 * record['train_accuracy']:.2f}%"
+          f"  test loss {record['test_loss']:.4f} acc {100 * record['test_accuracy']:.2f}%"
+          f"  lr {record['learning_rate']:.4f}  {seconds:.1f}s (total {elapsed / 60:.1f} min)",
+          flush=True)
+
+  if config.plots and records:
+    _, predictions = evaluate(state, test_inputs, test_labels, config.eval_batch_size,
+                              config.eval_flip)
+    wrong = np.flatnonzero(predictions != test_labels)[:32]
+    names = input_pipeline.CLASS_NAMES
+    plots.image_grid(workdir / "misclassified.png", test_inputs[wrong],
+                     [f"{names[predictions[i]]}\n(true {names[test_labels[i]]})" for i in wrong],
+                     mean, std, suptitle="misclassified test images: predicted (true)")
+  manager.close()
+  return records
+
+
+# ------------------------------------------------------------------ CLI
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  try:
+    records = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, input_pipeline.DataError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if records:
+    best = max(records, key=lambda r: r["test_accuracy"])
+    print(f"Done: final test accuracy {100 * records[-1]['test_accuracy']:.2f}%, best "
+          f"{100 * best['test_accuracy']:.2f}% (epoch {best['epoch']}), "
+          f"{records[-1]['elapsed_seconds'] / 60:.1f} min of training. Workdir: {_WORKDIR.value}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
