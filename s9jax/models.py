@@ -45,7 +45,10 @@ class SeparableConv(nn.Module):
     return conv(self.features, (1, 1), name="pointwise")(x)
 
 
-def global_average_pool(x):
+def global_average_pool(module: nn.Module, x):
+  """GAP; the map it pools is sown as intermediates/features (free unless asked for)
+  so tests can measure the receptive field of the last spatial layer."""
+  module.sow("intermediates", "features", x)
   return jnp.mean(x, axis=(1, 2))
 
 
@@ -80,7 +83,7 @@ class Seed(nn.Module):
     x = down(32, sep(70, sep(256, x)))                           # 22 -> 11
     x = down(32, sep(128, sep(128, x)))                          # 15 -> 8
     x = down(80, sep(64, sep(100, x)), dilation=1)               # 12 -> 7
-    x = global_average_pool(x)
+    x = global_average_pool(self, x)
     return conv(NUM_CLASSES, (1, 1))(x[:, None, None, :])[:, 0, 0, :]
 
 
@@ -131,7 +134,7 @@ class S9Net(nn.Module):
       x = bn_relu(x)
       for _ in range(depth):
         x = ResidualSeparable(dilation=dilation, conv_impl=self.conv_impl)(x, train)
-    x = global_average_pool(x)
+    x = global_average_pool(self, x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     conv_out = nn.Conv(NUM_CLASSES, (1, 1), conv_general_dilated=ops.conv_function(self.conv_impl))
     return conv_out(x[:, None, None, :])[:, 0, 0, :]

@@ -284,9 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
 
 # ------------------------------------------------------------------ CLI
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots.")
+FLAGS = flags.FLAGS
 
 
 def main(argv):
@@ -294,7 +292,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
   try:
-    records = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    records = train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ConfigError, input_pipeline.DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -302,9 +300,16 @@ def main(argv):
     best = max(records, key=lambda r: r["test_accuracy"])
     print(f"Done: final test accuracy {100 * records[-1]['test_accuracy']:.2f}%, best "
           f"{100 * best['test_accuracy']:.2f}% (epoch {best['epoch']}), "
-          f"{records[-1]['elapsed_seconds'] / 60:.1f} min of training. Workdir: {_WORKDIR.value}")
+          f"{records[-1]['elapsed_seconds'] / 60:.1f} min of training. Workdir: {FLAGS.workdir}")
+
+
+def define_flags():
+  """Defined only when run as a program, so modules can import each other."""
+  config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots.")
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

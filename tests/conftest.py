@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny CIFAR-10-shaped image-folder archive, and configs loaded the
+way the CLI loads them (locked, so a misspelt key is an error, not a new key)."""
+
+import importlib
+import io
+import os
+import pathlib
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from s9jax import input_pipeline  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
+
+
+def class_colour(label: int) -> int:
+  """Each tiny-archive image is one flat grey level that encodes its class."""
+  return 12 + 24 * label
+
+
+def label_of(image: np.ndarray) -> int:
+  return int(round((float(image.mean()) - 12) / 24))
+
+
+def png_bytes(value: int, size=(32, 32)) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(np.full(size + (3,), value, np.uint8)).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def write_tiny_tree(root: pathlib.Path, per_class={"train": 3, "test": 2}):
+  for split, count in per_class.items():
+    for label, name in enumerate(input_pipeline.CLASS_NAMES):
+      folder = root / split / name
+      folder.mkdir(parents=True, exist_ok=True)
+      for i in range(count):
+        (folder / f"{i:04d}.png").write_bytes(png_bytes(class_colour(label)))
+
+
+@pytest.fixture(scope="session")
+def tiny_archive(tmp_path_factory) -> pathlib.Path:
+  """tar.gz laid out like the shared JPEG copy: tiny-cifar/{train,test}/<class>/NNNN.png."""
+  base = tmp_path_factory.mktemp("archive")
+  write_tiny_tree(base / "tiny-cifar")
+  path = base / "tiny-cifar.tar.gz"
+  with tarfile.open(path, "w:gz") as tf:
+    tf.add(base / "tiny-cifar", arcname="tiny-cifar")
+  return path
+
+
+def load_config(name: str, variant: str = ""):
+  module = importlib.import_module(f"configs.{name}")
+  config = module.get_config(variant) if variant else module.get_config()
+  config.lock()
+  return config
+
+
+def tiny_config(tiny_archive, data_dir, **overrides):
+  """The base recipe, shrunk: a narrow s9net on the tiny archive, one epoch."""
+  config = load_config("base", "smoke")
+  config.data.source_path = str(tiny_archive)
+  config.data.data_dir = str(data_dir)
+  config.data.train_limit = 0
+  config.data.test_limit = 0
+  config.model.stem_width = 8
+  config.model.widths = (8, 16, 16)
+  config.model.depths = (1, 1, 1)
+  config.batch_size = 10
+  config.eval_batch_size = 8  # 20 test images: the last batch is padded and masked.
+  config.warmup_epochs = 0.0
+  for key, value in overrides.items():
+    section = config
+    *path, last = key.split(".")
+    for part in path:
+      section = section[part]
+    section[last] = value
+  return config

@@ -1,0 +1,175 @@
+"""Offline TFDS source, augmentation and batching, on tiny archives made here (and the
+shared JPEG copy when it is beside the checkout)."""
+
+import tarfile
+import zipfile
+from collections import Counter
+
+import albumentations as A
+import numpy as np
+import pytest
+
+from s9jax import input_pipeline
+from tests.conftest import SHARED_ARCHIVE, label_of, load_config, tiny_config, write_tiny_tree
+
+
+def assert_labels_follow_cifar_order(images, labels):
+  assert [label_of(im) for im in images] == labels.tolist()
+
+
+def test_offline_source_reads_a_tar_archive_with_cifar_labels(tiny_archive, tmp_path):
+  config = tiny_config(tiny_archive, tmp_path / "tfds")
+  images, labels = input_pipeline.load_split(config.data, "train")
+  assert images.shape == (30, 32, 32, 3) and images.dtype == np.uint8
+  assert Counter(labels.tolist()) == {c: 3 for c in range(10)}
+  assert_labels_follow_cifar_order(images, labels)
+  test_images, test_labels = input_pipeline.load_split(config.data, "test")
+  assert len(test_images) == 20
+  assert_labels_follow_cifar_order(test_images, test_labels)
+
+
+@pytest.mark.parametrize("kind", ["zip", "directory"])
+def test_offline_source_reads_zip_and_plain_directories(kind, tmp_path):
+  tree = tmp_path / "tree"
+  write_tiny_tree(tree, {"train": 1, "test": 1})
+  if kind == "zip":
+    source = tmp_path / "tiny.zip"
+    with zipfile.ZipFile(source, "w") as zf:
+      for path in sorted(tree.rglob("*.png")):
+        zf.write(path, "cifar/" + str(path.relative_to(tree)))
+  else:
+    source = tree
+  config = tiny_config(source, tmp_path / "tfds")
+  images, labels = input_pipeline.load_split(config.data, "test")
+  assert sorted(labels.tolist()) == list(range(10))
+  assert_labels_follow_cifar_order(images, labels)
+
+
+def test_missing_source_says_how_to_point_at_the_data(tmp_path):
+  config = tiny_config(tmp_path / "nowhere.tar.xz", tmp_path / "tfds")
+  with pytest.raises(input_pipeline.DataError, match="does not exist.*source_path"):
+    input_pipeline.load_split(config.data, "train")
+
+
+def test_a_class_folder_that_is_not_cifar10_is_rejected(tmp_path):
+  write_tiny_tree(tmp_path / "tree", {"train": 1, "test": 1})
+  (tmp_path / "tree" / "train" / "cat").rename(tmp_path / "tree" / "train" / "kitten")
+  config = tiny_config(tmp_path / "tree", tmp_path / "tfds")
+  with pytest.raises(input_pipeline.DataError, match="'kitten' is not a CIFAR-10 class"):
+    input_pipeline.load_split(config.data, "train")
+
+
+def test_tfds_source_failure_points_to_the_offline_source(tmp_path, monkeypatch):
+  def no_network(*args, **kwargs):
+    raise ConnectionError("no internet")
+  monkeypatch.setattr(input_pipeline.tfds, "data_source", no_network)
+  config = tiny_config(tmp_path / "x", tmp_path / "tfds", **{"data.source": "tfds"})
+  with pytest.raises(input_pipeline.DataError, match="source=image_folder"):
+    input_pipeline.load_split(config.data, "train")
+
+
+@pytest.mark.skipif(not SHARED_ARCHIVE.exists(), reason="shared JPEG copy not beside the checkout")
+def test_shared_jpeg_copy_has_cifar10_layout_and_decodes():
+  counts = Counter()
+  for split in ("test",):
+    for name, data, cls in input_pipeline.iter_image_folder(SHARED_ARCHIVE, split):
+      if counts[cls] < 2:
+        assert input_pipeline._decode_image(data, name).shape == (32, 32, 3)
+      counts[cls] += 1
+  assert counts == {name: 1000 for name in input_pipeline.CLASS_NAMES}
+  with tarfile.open(SHARED_ARCHIVE) as tf:
+    train = Counter(m.name.split("/")[-2] for m in tf if m.isfile() and "/train/" in m.name)
+  assert train == {name: 5000 for name in input_pipeline.CLASS_NAMES}
+
+
+# ------------------------------------------------------------------------ augmentation
+
+MEAN = np.array([0.49, 0.48, 0.45])
+STD = np.array([0.25, 0.24, 0.26])
+
+
+def only(**probabilities):
+  aug = load_config("base").augment.copy_and_resolve_references()
+  aug.hflip_p = aug.affine_p = aug.cutout_p = 0.0
+  aug.update(probabilities)
+  return aug
+
+
+def test_train_transform_keeps_shape_and_dtype_and_normalises():
+  transform = input_pipeline.train_transform(load_config("base").augment, MEAN, STD)
+  image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  out = transform(image=image)["image"]
+  assert out.shape == (32, 32, 3) and out.dtype == np.float32
+
+
+def test_coarse_dropout_is_one_16x16_hole_of_the_dataset_mean():
+  transform = input_pipeline.train_transform(only(cutout_p=1.0), MEAN, STD)
+  image = np.zeros((32, 32, 3), np.uint8)  # Black: the hole is the only non-black area.
+  for seed in range(5):
+    transform.set_random_seed(seed)
+    out = transform(image=image)["image"]
+    hole = np.abs(out - (0 - MEAN) / STD).max(axis=-1) > 1e-3
+    rows, cols = np.flatnonzero(hole.any(1)), np.flatnonzero(hole.any(0))
+    assert hole.sum() == 16 * 16 and len(rows) == 16 and len(cols) == 16
+    # Filled with the mean, in uint8 units before Normalize: ~0 after it.
+    np.testing.assert_allclose(out[hole], 0.0, atol=1 / (255 * STD.min()))
+
+
+def test_reference_coarse_dropout_arguments_are_refused_not_ignored():
+  # Albumentations 2.x only warns about these names and runs its defaults; strict
+  # Compose (as the pipeline builds it) turns that into an error.
+  with pytest.raises(ValueError):
+    A.Compose([A.CoarseDropout(max_holes=1, max_height=16, max_width=16, fill_value=0)],
+              strict=True)
+
+
+def test_horizontal_flip_mirrors():
+  transform = input_pipeline.train_transform(only(hflip_p=1.0), MEAN, STD)
+  image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  plain = input_pipeline.normalize(image[None], MEAN, STD)[0]
+  np.testing.assert_allclose(transform(image=image)["image"], plain[:, ::-1], atol=1e-6)
+
+
+def test_test_images_are_normalised_with_training_statistics():
+  train = np.random.default_rng(2).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+  mean, std = input_pipeline.channel_stats(train)
+  out = input_pipeline.normalize(train, mean, std)
+  np.testing.assert_allclose(out.reshape(-1, 3).mean(0), 0, atol=1e-5)
+  np.testing.assert_allclose(out.reshape(-1, 3).std(0), 1, atol=1e-4)
+
+
+# ------------------------------------------------------------------------ batching
+
+def make_batches(seed, batch_size=8):
+  images = np.random.default_rng(3).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+  labels = np.arange(40, dtype=np.int32) % 10
+  aug = load_config("base").augment
+  return input_pipeline.TrainBatches(
+      images, labels, lambda: input_pipeline.train_transform(aug, MEAN, STD), batch_size, seed)
+
+
+def test_batches_are_deterministic_per_seed_and_epoch():
+  first = list(make_batches(seed=0).epoch(1))
+  again = list(make_batches(seed=0).epoch(1))
+  other_epoch = list(make_batches(seed=0).epoch(2))
+  assert len(first) == 5
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  assert not np.array_equal(first[0]["label"], other_epoch[0]["label"])
+  assert first[0]["image"].dtype == np.float32 and first[0]["image"].shape == (8, 32, 32, 3)
+
+
+def test_mid_epoch_start_gives_the_remaining_batches():
+  full = list(make_batches(seed=4).epoch(3))
+  rest = list(make_batches(seed=4).epoch(3, start_step=2))
+  assert len(rest) == 3
+  for a, b in zip(full[2:], rest):
+    np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_eval_batches_pad_and_mask_the_last_batch():
+  images = np.zeros((10, 32, 32, 3), np.float32)
+  batches = list(input_pipeline.eval_batches(images, np.arange(10), 4))
+  assert [b["mask"].sum() for b in batches] == [4, 4, 2]
+  assert all(b["image"].shape[0] == 4 for b in batches)

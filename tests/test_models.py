@@ -1,0 +1,43 @@
+"""Parameter counts pinned, shapes, and that the network is the one the config names."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from s9jax import models
+from tests.conftest import load_config
+
+
+def param_count(config) -> int:
+  model = models.create_model(config.model, conv_impl="lax")
+  variables = jax.eval_shape(lambda x: model.init({"params": jax.random.PRNGKey(0)}, x),
+                             jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+  return sum(p.size for p in jax.tree.leaves(variables["params"]))
+
+
+def test_seed_has_the_reference_parameter_count():
+  assert param_count(load_config("seed")) == 198_776
+
+
+def test_base_network_parameter_count_is_pinned():
+  assert param_count(load_config("base")) == 190_738
+
+
+@pytest.mark.parametrize("name", ["seed", "base"])
+def test_logits_shape_and_train_mode_updates_batch_stats(name):
+  config = load_config(name)
+  model = models.create_model(config.model)
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
+  variables = model.init({"params": jax.random.PRNGKey(1)}, x)
+  logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                                rngs={"dropout": jax.random.PRNGKey(2)})
+  assert logits.shape == (4, 10)
+  before, after = jax.tree.leaves(variables["batch_stats"]), jax.tree.leaves(updates)
+  assert any(not jnp.allclose(a, b) for a, b in zip(before, after))
+
+
+def test_unknown_model_name_is_a_clear_error():
+  config = load_config("base")
+  config.model.name = "resnet"
+  with pytest.raises(ValueError, match="unknown model.name 'resnet'"):
+    models.create_model(config.model)

@@ -1,0 +1,119 @@
+"""The traced receptive field against hand-worked stacks and against the gradient
+support of the real networks; the constraint checker against models that break each
+S9 rule."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from s9jax import models, receptive_field
+from tests.conftest import load_config
+
+
+class Stack(nn.Module):
+  """Convs from (kernel, stride, dilation) specs; optional residual around the stack."""
+  specs: tuple
+  residual: bool = False
+  pool: str = "gap"
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    y = x = nn.Conv(4, (1, 1))(x)
+    for k, s, d in self.specs:
+      y = nn.relu(nn.Conv(4, (k, k), strides=s, kernel_dilation=d, padding="SAME")(y))
+    if self.residual:
+      y = y + x
+    if self.pool == "max":
+      y = nn.max_pool(y, (2, 2), strides=(2, 2))
+    return jnp.mean(y, axis=(1, 2)) if self.pool != "flatten" else y.reshape(y.shape[0], -1)
+
+
+@pytest.mark.parametrize("specs,expected", [
+    (((3, 1, 1),), 3),
+    (((3, 1, 1),) * 3, 7),                  # 1 + 2 + 2 + 2
+    (((3, 2, 1), (3, 1, 1)), 7),            # 3, then 2 x jump 2
+    (((3, 1, 2),), 5),                      # dilation 2: effective kernel 5
+    (((3, 2, 2), (3, 2, 2), (3, 1, 1)), 1 + 4 + 4 * 2 + 2 * 4),  # jumps 1, 2, 4
+    (((5, 1, 1), (3, 2, 1), (1, 1, 1), (3, 1, 3)), 5 + 2 + 0 + 6 * 2),
+])
+def test_receptive_field_of_hand_checked_stacks(specs, expected):
+  assert receptive_field.analyse(Stack(specs), (32, 32, 3)).rf == expected
+
+
+def test_residual_branch_takes_the_wider_path():
+  report = receptive_field.analyse(Stack(((3, 1, 1), (3, 1, 1)), residual=True), (16, 16, 3))
+  assert report.rf == 5
+
+
+def gradient_support(model, variables, size: int) -> int:
+  """Width of the input region that moves the centre of the last spatial feature map.
+
+  All weights made positive and the input all ones, so every ReLU is open and every
+  connection in the receptive field carries a non-zero gradient."""
+  params = jax.tree.map(jnp.abs, variables["params"])
+  x = jnp.ones((1, size, size, 3))
+
+  def last_spatial_centre(x):
+    _, state = model.apply({**variables, "params": params}, x, train=False,
+                           capture_intermediates=True, mutable=["intermediates"])
+    features = state["intermediates"]["features"][0]  # The map GAP pools.
+    return features[0, features.shape[1] // 2, features.shape[2] // 2, 0]
+
+  support = np.flatnonzero(np.abs(np.asarray(jax.grad(last_spatial_centre)(x))).sum(axis=(0, 2, 3)))
+  assert support[0] > 0 and support[-1] < size - 1, "input too small: the support is clipped"
+  return int(support[-1] - support[0] + 1)
+
+
+@pytest.mark.parametrize("name,size", [("seed", 160), ("base", 200)])
+def test_traced_rf_equals_gradient_support(name, size):
+  config = load_config(name)
+  model = models.create_model(config.model, conv_impl="lax")
+  variables = model.init({"params": jax.random.PRNGKey(0)}, jnp.ones((1, size, size, 3)))
+  traced = receptive_field.analyse_config(config).rf
+  assert traced == gradient_support(model, variables, size)
+
+
+def test_both_configs_pass_every_constraint():
+  seed = receptive_field.analyse_config(load_config("seed"))
+  base = receptive_field.analyse_config(load_config("base"))
+  assert seed.passed and base.passed, (seed.failures(), base.failures())
+  assert (seed.total_params, seed.rf) == (198_776, 105)
+  assert (base.total_params, base.rf) == (190_738, 135)
+
+
+class Separable(nn.Module):
+  dilation: int = 2
+  pool: str = "gap"
+  width: int = 8
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(self.width, (3, 3), strides=2, kernel_dilation=self.dilation)(x)
+    x = models.SeparableConv(self.width, conv_impl="lax")(x)
+    for _ in range(4):
+      x = nn.Conv(self.width, (3, 3), strides=2 if x.shape[1] > 2 else 1)(x)
+    if self.pool == "max":
+      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+    return jnp.mean(x, axis=(1, 2)) if self.pool != "flatten" else x.reshape(x.shape[0], -1)
+
+
+def failures(model):
+  return receptive_field.analyse(model, (32, 32, 3)).failures()
+
+
+def test_checker_accepts_a_model_inside_every_rule():
+  assert failures(Separable()) == []
+
+
+@pytest.mark.parametrize("model,rule", [
+    (Separable(width=160), "params < 200,000"),
+    (Stack(((3, 1, 1),) * 3), "receptive field > 44"),
+    (Stack(((3, 2, 2),) * 4), "has a depthwise-separable conv"),
+    (Separable(dilation=1), "has a dilated conv"),
+    (Separable(pool="flatten"), "uses global average pooling"),
+    (Separable(pool="max"), "no max pooling"),
+])
+def test_checker_flags_each_broken_rule(model, rule):
+  assert rule in failures(model)

@@ -1,0 +1,135 @@
+"""The real train step, checkpoints, loop and CLIs, on tiny data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from s9jax import input_pipeline, train
+from tests.conftest import ROOT, load_config, tiny_config
+
+
+def tiny_state(config):
+  return train.create_train_state(config, jax.random.PRNGKey(0),
+                                  train.create_learning_rate_fn(config, 10))
+
+
+def test_train_steps_lower_the_loss_on_a_fixed_batch(tiny_archive, tmp_path):
+  config = tiny_config(tiny_archive, tmp_path, learning_rate=0.05, schedule="constant")
+  state = tiny_state(config)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+           "label": rng.integers(0, 10, 16).astype(np.int32)}
+  losses = []
+  for _ in range(15):
+    state, metrics = train.train_step(state, batch, jax.random.PRNGKey(1), 0.0)
+    losses.append(float(metrics["loss"]))
+  assert int(state.step) == 15
+  assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+
+
+def test_onecycle_schedule_warms_up_then_decays_to_zero():
+  config = load_config("base")
+  fn = train.create_learning_rate_fn(config, steps_per_epoch=100)
+  warmup = int(config.warmup_epochs * 100)
+  assert float(fn(0)) == pytest.approx(config.learning_rate / 10)
+  assert float(fn(warmup)) == pytest.approx(config.learning_rate)
+  assert float(fn(config.num_epochs * 100)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_weight_decay_touches_conv_kernels_only(tiny_archive, tmp_path):
+  config = tiny_config(tiny_archive, tmp_path, learning_rate=0.1, momentum=0.0,
+                       weight_decay=0.5, schedule="constant")
+  state = tiny_state(config)
+  zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+  after = state.apply_gradients(grads=zero_grads).params
+  flat_before = jax.tree_util.tree_leaves_with_path(state.params)
+  for (path, old), new in zip(flat_before, jax.tree.leaves(after)):
+    if path[-1].key == "kernel":
+      np.testing.assert_allclose(new, old * (1 - 0.1 * 0.5), rtol=1e-6)
+    else:
+      np.testing.assert_array_equal(new, old)
+
+
+def test_checkpoint_round_trip_gives_identical_params_and_eval(tiny_archive, tmp_path):
+  config = tiny_config(tiny_archive, tmp_path / "tfds")
+  state = tiny_state(config)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(10, 32, 32, 3)).astype(np.float32),
+           "label": rng.integers(0, 10, 10).astype(np.int32)}
+  state, _ = train.train_step(state, batch, jax.random.PRNGKey(0), 0.1)
+  expected = jax.device_get(state)
+  images = rng.normal(size=(12, 32, 32, 3)).astype(np.float32)
+  labels = rng.integers(0, 10, 12).astype(np.int32)
+  before = train.evaluate(state, images, labels, 8, flip=True)
+
+  manager = train.checkpoint_manager(tmp_path / "work", keep=2)
+  manager.save(1, args=train.ocp.args.Composite(
+      state=train.ocp.args.StandardSave(state), meta=train.ocp.args.JsonSave({"epoch": 1})),
+      metrics={"test_accuracy": 0.5})
+  manager.wait_until_finished()
+  restored, meta = train.restore_checkpoint(manager, 1, tiny_state(config))
+  manager.close()
+  assert meta == {"epoch": 1}
+  assert type(restored.opt_state) is type(state.opt_state)
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(jax.device_get(restored))):
+    np.testing.assert_array_equal(a, b)
+  after = train.evaluate(restored, images, labels, 8, flip=True)
+  assert after[0] == before[0]
+  np.testing.assert_array_equal(after[1], before[1])
+
+
+def test_training_refuses_a_network_that_breaks_the_rules(tiny_archive, tmp_path):
+  config = tiny_config(tiny_archive, tmp_path / "tfds", **{"model.widths": (48, 96, 256)})
+  with pytest.raises(train.ConfigError, match="params < 200,000"):
+    train.train_and_evaluate(config, tmp_path / "work")
+
+
+def test_workdir_of_another_network_is_not_resumed(tiny_archive, tmp_path):
+  work = tmp_path / "work"
+  work.mkdir()
+  other = tiny_config(tiny_archive, tmp_path / "tfds", **{"model.stem_width": 16})
+  train.check_workdir_config(work, other)
+  with pytest.raises(train.ConfigError, match="different 'model' config"):
+    train.check_workdir_config(work, tiny_config(tiny_archive, tmp_path / "tfds"))
+
+
+def run_cli(module, *args):
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  result = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return result.stdout
+
+
+def test_cli_trains_resumes_and_eval_restores_the_same_accuracy(tiny_archive, tmp_path):
+  work = tmp_path / "work"
+  flags = ["--config", "configs/base.py:smoke", "--workdir", str(work),
+           f"--config.data.source_path={tiny_archive}",
+           f"--config.data.data_dir={tmp_path / 'tfds'}",
+           "--config.data.train_limit=0", "--config.data.test_limit=0",
+           "--config.batch_size=10", "--config.eval_batch_size=8",
+           "--config.model.stem_width=8", "--config.model.widths=(8,16,16)",
+           "--config.model.depths=(1,1,1)"]
+  out = run_cli("s9jax.train", *flags)
+  assert "PASS  receptive field > 44" in out and "epoch   1" in out
+  for name in ("augmentations.png", "learning_curves.png", "misclassified.png", "config.json"):
+    assert (work / name).exists(), name
+
+  out = run_cli("s9jax.train", *flags, "--config.num_epochs=2")
+  assert "Resumed from" in out and "epoch   2" in out and "epoch   1 " not in out
+  records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in records] == [1, 2]
+  assert records[1]["step"] == 2 * records[0]["step"] == 6
+
+  out = run_cli("s9jax.eval", *flags[:4], *flags[4:], "--checkpoint", "latest")
+  result = json.loads((work / "eval.json").read_text())
+  assert result["epoch"] == 2
+  assert result["test_accuracy"] == records[1]["test_accuracy"]
+  assert set(result["per_class_accuracy"]) == set(input_pipeline.CLASS_NAMES)
+  assert (work / "confusion_matrix.png").exists()
