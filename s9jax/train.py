@@ -40,6 +40,10 @@ class ConfigError(Exception):
   """A config or workdir that cannot be trained as asked."""
 
 
+class TrainingDiverged(Exception):
+  """The loss went NaN or infinite."""
+
+
 # ------------------------------------------------------------------ state and steps
 
 def create_learning_rate_fn(config, steps_per_epoch: int):
@@ -183,6 +187,26 @@ def check_workdir_config(workdir, config):
 
 # ------------------------------------------------------------------ the loop
 
+def validate_config(config):
+  """Values no run can train with, refused before any work starts."""
+  problems = [f"{name} must be > 0, got {value}" for name, value in (
+      ("learning_rate", config.learning_rate), ("num_epochs", config.num_epochs),
+      ("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size))
+      if not value > 0]
+  problems += [f"augment.{name} must be in [0, 1], got {config.augment[name]}"
+               for name in ("hflip_p", "affine_p", "cutout_p")
+               if not 0 <= config.augment[name] <= 1]
+  if config.weight_decay < 0:
+    problems.append(f"weight_decay must be >= 0, got {config.weight_decay}")
+  if not 0 <= config.label_smoothing < 1:
+    problems.append(f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
+  if config.batch_size > 0 and config.batch_size % jax.device_count():
+    problems.append(f"batch_size {config.batch_size} is not divisible by the "
+                    f"{jax.device_count()} devices")
+  if problems:
+    raise ConfigError("invalid config: " + "; ".join(problems))
+
+
 def constraint_report(config) -> receptive_field.Report:
   report = receptive_field.analyse_config(config)
   print(report.format(), flush=True)
@@ -195,6 +219,7 @@ def constraint_report(config) -> receptive_field.Report:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Trains config in workdir (resuming if it holds checkpoints); returns the metrics."""
   workdir = pathlib.Path(workdir)
+  validate_config(config)
   workdir.mkdir(parents=True, exist_ok=True)
   check_workdir_config(workdir, config)
   report = constraint_report(config)
@@ -245,8 +270,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         shown = jax.device_get(metrics)
         bar.set_postfix(loss=f"{shown['loss']:.3f}", acc=f"{shown['accuracy']:.3f}")
     bar.close()
-    train_metrics = {k: float(np.mean([m[k] for m in jax.device_get(step_metrics)]))
-                     for k in ("loss", "accuracy")}
+    step_metrics = jax.device_get(step_metrics)
+    losses = np.array([m["loss"] for m in step_metrics])
+    if not np.all(np.isfinite(losses)):
+      bad = int(np.flatnonzero(~np.isfinite(losses))[0])
+      raise TrainingDiverged(
+          f"loss became {losses[bad]} at step {int(state.step) - len(losses) + bad + 1} "
+          f"(epoch {epoch}); stopped without saving it, the last good checkpoint is step "
+          f"{manager.latest_step()}: lower --config.learning_rate and rerun")
+    train_metrics = {k: float(np.mean([m[k] for m in step_metrics])) for k in ("loss", "accuracy")}
     test_metrics, _ = evaluate(state, test_inputs, test_labels, config.eval_batch_size,
                                config.eval_flip)
     seconds = time.time() - started
@@ -293,7 +325,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
   try:
     records = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ConfigError, input_pipeline.DataError) as e:
+  except (ConfigError, TrainingDiverged, input_pipeline.DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if records:

@@ -133,3 +133,30 @@ def test_cli_trains_resumes_and_eval_restores_the_same_accuracy(tiny_archive, tm
   assert result["test_accuracy"] == records[1]["test_accuracy"]
   assert set(result["per_class_accuracy"]) == set(input_pipeline.CLASS_NAMES)
   assert (work / "confusion_matrix.png").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"learning_rate": 0.0}, "learning_rate must be > 0"),
+    ({"num_epochs": -1}, "num_epochs must be > 0"),
+    ({"batch_size": 0}, "batch_size must be > 0"),
+    ({"augment.cutout_p": 1.5}, "augment.cutout_p must be in"),
+    ({"label_smoothing": 1.0}, "label_smoothing must be in"),
+])
+def test_invalid_values_are_refused_before_any_work(tiny_archive, tmp_path, override, message):
+  config = tiny_config(tiny_archive, tmp_path / "tfds", **override)
+  with pytest.raises(train.ConfigError, match=message):
+    train.train_and_evaluate(config, tmp_path / "work")
+  assert not (tmp_path / "work").exists()
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_archive, tmp_path):
+  config = tiny_config(tiny_archive, tmp_path / "tfds", num_epochs=1, plots=False)
+  work = tmp_path / "work"
+  train.train_and_evaluate(config, work)  # One good epoch: checkpoint at step 3.
+  config.unlock()
+  config.num_epochs, config.learning_rate = 2, float("inf")
+  config.lock()
+  # Step 4 computes its loss with good weights and an infinite update; step 5's loss is NaN.
+  with pytest.raises(train.TrainingDiverged, match=r"at step 5 \(epoch 2\).*checkpoint is step 3"):
+    train.train_and_evaluate(config, work)
+  assert train.checkpoint_manager(work, 3).all_steps() == [3]

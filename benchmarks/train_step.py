@@ -1,0 +1,139 @@
+"""Benchmark 1: train-step throughput (images/s) of s9jax vs the same network in PyTorch
+eager (channels_last, CPU), measured side by side in one process, for both networks.
+
+    pip install -e ".[bench]" && python benchmarks/train_step.py [--steps 20] [--batch 256]
+
+Prints one line per network:  network  params  s9jax img/s  torch img/s  ratio
+Both sides run the same maths: same layer shapes, BatchNorm in training mode, dropout
+where the config has it, softmax cross-entropy, SGD with momentum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from s9jax import train  # noqa: E402
+
+
+def jax_images_per_second(config, batch: int, steps: int) -> tuple[float, int]:
+  lr_fn = train.create_learning_rate_fn(config, steps)
+  state = train.create_train_state(config, jax.random.PRNGKey(0), lr_fn)
+  rng = np.random.default_rng(0)
+  data = {"image": rng.normal(size=(batch, 32, 32, 3)).astype(np.float32),
+          "label": rng.integers(0, 10, batch).astype(np.int32)}
+  key = jax.random.PRNGKey(1)
+  for _ in range(2):  # Compile and warm up.
+    state, metrics = train.train_step(state, data, key, config.label_smoothing)
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = train.train_step(state, data, key, config.label_smoothing)
+  jax.block_until_ready(metrics)
+  params = sum(p.size for p in jax.tree.leaves(state.params))
+  return batch * steps / (time.perf_counter() - start), params
+
+
+def torch_network(config):
+  import torch.nn as tnn
+
+  m = config.model
+
+  def bn_relu_after(conv, c):
+    return [conv, tnn.BatchNorm2d(c), tnn.ReLU()]
+
+  def separable(cin, cout, stride=1, dilation=1, padding=None):
+    padding = dilation if padding is None else padding
+    return [tnn.Conv2d(cin, cin, 3, stride, padding, dilation, groups=cin, bias=False),
+            tnn.Conv2d(cin, cout, 1, bias=False)]
+
+  class Residual(tnn.Module):
+    def __init__(self, c, dilation):
+      super().__init__()
+      self.body = tnn.Sequential(*separable(c, c, dilation=dilation), tnn.BatchNorm2d(c), tnn.ReLU(),
+                                 *separable(c, c, dilation=dilation), tnn.BatchNorm2d(c), tnn.ReLU())
+
+    def forward(self, x):
+      return x + self.body(x)
+
+  if m.name == "seed":
+    def rbd(c):  # The reference's ReLU -> BN -> dropout.
+      return [tnn.ReLU(), tnn.BatchNorm2d(c), tnn.Dropout(m.dropout)]
+    layers = [tnn.Conv2d(3, 128, 3, padding=2, bias=False), *rbd(128)]
+    cin = 128
+    blocks = [((64,), 32, 2), ((256, 70), 32, 2), ((128, 128), 32, 2), ((100, 64), 80, 1)]
+    for seps, down, dilation in blocks:
+      for c in seps:
+        layers += [*separable(cin, c, padding=2), *rbd(c)]
+        cin = c
+      layers += [tnn.Conv2d(cin, down, 3, 2, 2, dilation, bias=False), *rbd(down)]
+      cin = down
+    layers += [tnn.AdaptiveAvgPool2d(1), tnn.Conv2d(cin, 10, 1, bias=False), tnn.Flatten()]
+    return tnn.Sequential(*layers)
+
+  layers = bn_relu_after(tnn.Conv2d(3, m.stem_width, 3, padding=1, bias=False), m.stem_width)
+  cin = m.stem_width
+  for width, depth, sep, dilation in zip(m.widths, m.depths, m.separable_down, m.block_dilations):
+    down = (separable(cin, width, stride=2, dilation=2) if sep
+            else [tnn.Conv2d(cin, width, 3, 2, 2, 2, bias=False)])
+    layers += [*down, tnn.BatchNorm2d(width), tnn.ReLU()]
+    layers += [Residual(width, dilation) for _ in range(depth)]
+    cin = width
+  layers += [tnn.AdaptiveAvgPool2d(1), tnn.Dropout(m.dropout), tnn.Conv2d(cin, 10, 1), tnn.Flatten()]
+  return tnn.Sequential(*layers)
+
+
+def torch_images_per_second(config, batch: int, steps: int) -> tuple[float, int]:
+  import torch
+
+  torch.manual_seed(0)
+  net = torch_network(config).to(memory_format=torch.channels_last).train()
+  opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=config.momentum,
+                        nesterov=config.nesterov, weight_decay=config.weight_decay)
+  loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+  x = torch.randn(batch, 3, 32, 32).to(memory_format=torch.channels_last)
+  y = torch.randint(0, 10, (batch,))
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(net(x), y)
+    loss.backward()
+    opt.step()
+
+  for _ in range(2):
+    step()
+  start = time.perf_counter()
+  for _ in range(steps):
+    step()
+  params = sum(p.numel() for p in net.parameters())
+  return batch * steps / (time.perf_counter() - start), params
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--configs", nargs="+", default=["base", "seed"])
+  args = parser.parse_args()
+  import torch
+  print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), batch {args.batch}, {args.steps} timed steps")
+  print(f"{'network':8s} {'params':>8s} {'s9jax img/s':>12s} {'torch img/s':>12s} {'ratio':>6s}")
+  for name in args.configs:
+    config = importlib.import_module(f"configs.{name}").get_config()
+    jax_ips, jax_params = jax_images_per_second(config, args.batch, args.steps)
+    torch_ips, torch_params = torch_images_per_second(config, args.batch, args.steps)
+    assert jax_params == torch_params, f"{name}: jax {jax_params} vs torch {torch_params} params"
+    print(f"{name:8s} {jax_params:8,d} {jax_ips:12.1f} {torch_ips:12.1f} {jax_ips / torch_ips:6.2f}",
+          flush=True)
+
+
+if __name__ == "__main__":
+  main()
