@@ -30,7 +30,7 @@ def get_config(variant: str = ""):
   c.augment.shift = 0.05                  #   fraction of the side,
   c.augment.scale = 0.05                  #   +- fraction,
   c.augment.rotate = 15.0                 #   degrees.
-  c.augment.cutout_p = 0.5                # CoarseDropout: one hole of the dataset mean,
+  c.augment.cutout_p = 0.25               # CoarseDropout: one hole of the dataset mean,
   c.augment.cutout_size = 16              #   pixels a side.
 
   c.model = ml_collections.ConfigDict()
@@ -43,7 +43,7 @@ def get_config(variant: str = ""):
   c.model.block_dilations = (1, 1, 1)
   c.model.dropout = 0.0                   # Before the classifier.
 
-  c.num_epochs = 24
+  c.num_epochs = 30
   c.batch_size = 256
   c.eval_batch_size = 500
   c.optimizer = "sgd"                     # SGD, Nesterov momentum.
