@@ -17,7 +17,7 @@ def _to_display(images: np.ndarray, mean, std) -> np.ndarray:
 def image_grid(path, images, titles, mean, std, columns: int = 8, suptitle: str = ""):
   images = _to_display(np.asarray(images), mean, std)
   rows = max(1, int(np.ceil(len(images) / columns)))
-  fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.4, rows * 1.6))
+  fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.4, rows * 1.8))
   for ax in np.ravel(axes):
     ax.axis("off")
   for ax, image, title in zip(np.ravel(axes), images, titles):
