@@ -107,9 +107,9 @@ class S9Net(nn.Module):
   the map) and residual depthwise-separable blocks, then GAP and a 1x1 to the logits.
 
   Chosen for accuracy per second on CPU: all but the stem works at 16x16 and below
-  (19 MFLOP forward per image by XLA's cost analysis, against the reference's 93),
-  and the two deeper
-  downsamplings are separable to leave the parameter budget to the wide last stage.
+  (19 MFLOP forward per image by XLA's cost analysis, against the reference's 93), and
+  the two deeper downsamplings are separable to leave the parameter budget to the wide
+  last stage.
   """
   stem_width: int = 24
   widths: Sequence[int] = (48, 96, 160)
