@@ -55,7 +55,8 @@ def evaluate_checkpoint(config, workdir, which: str = "best") -> dict:
   matrix = np.zeros((len(names), len(names)), np.int64)
   np.add.at(matrix, (labels, predictions), 1)
   result = {"checkpoint": which, "step": step, "epoch": meta["epoch"], **metrics,
-            "recorded_test_accuracy": meta["record"]["test_accuracy"],
+            # None for a checkpoint saved mid-epoch on SIGTERM/Ctrl-C.
+            "recorded_test_accuracy": meta.get("record", {}).get("test_accuracy"),
             "per_class_accuracy": {n: float(matrix[i, i] / matrix[i].sum())
                                    for i, n in enumerate(names)},
             "confusion_matrix": matrix.tolist()}
@@ -74,8 +75,9 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(f"checkpoint {result['checkpoint']} (epoch {result['epoch']}, step {result['step']})")
+  recorded = result["recorded_test_accuracy"]
   print(f"test loss {result['test_loss']:.4f}  test accuracy {100 * result['test_accuracy']:.2f}%"
-        f"  (recorded in training: {100 * result['recorded_test_accuracy']:.2f}%)")
+        + (f"  (recorded in training: {100 * recorded:.2f}%)" if recorded is not None else ""))
   for name, acc in result["per_class_accuracy"].items():
     print(f"  {name:10s} {100 * acc:6.2f}%")
   print(f"wrote {pathlib.Path(FLAGS.workdir) / 'eval.json'} and confusion_matrix.png")

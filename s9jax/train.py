@@ -7,10 +7,12 @@ Rerunning the same command with the same workdir resumes from the latest checkpo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import pathlib
+import signal
 import sys
 import time
 from typing import Any
@@ -42,6 +44,10 @@ class ConfigError(Exception):
 
 class TrainingDiverged(Exception):
   """The loss went NaN or infinite."""
+
+
+class Interrupted(Exception):
+  """SIGTERM or Ctrl-C arrived; the state was saved mid-epoch."""
 
 
 # ------------------------------------------------------------------ state and steps
@@ -216,9 +222,37 @@ def constraint_report(config) -> receptive_field.Report:
   return report
 
 
+@contextlib.contextmanager
+def stop_requests():
+  """SIGTERM and Ctrl-C only raise a flag, read by the loop between steps, so the
+  process stops at a step boundary with its state saved, never inside a write."""
+  requested = []
+
+  def request(signum, _):
+    requested.append(signum)
+    if len(requested) > 1:  # Asked twice: stop now, unsaved.
+      raise KeyboardInterrupt
+
+  handled = (signal.SIGTERM, signal.SIGINT)
+  try:
+    previous = {s: signal.signal(s, request) for s in handled}
+  except ValueError:  # Not the main thread: signals stay as they are.
+    previous = {}
+  try:
+    yield requested
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-  """Trains config in workdir (resuming if it holds checkpoints); returns the metrics."""
-  workdir = pathlib.Path(workdir)
+  """Trains config in workdir (resuming if it holds checkpoints); returns the metrics.
+  Raises Interrupted after saving, if SIGTERM or Ctrl-C arrives mid-epoch."""
+  with stop_requests() as stop:
+    return _train_and_evaluate(config, pathlib.Path(workdir), stop)
+
+
+def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]:
   validate_config(config)
   workdir.mkdir(parents=True, exist_ok=True)
   check_workdir_config(workdir, config)
@@ -239,12 +273,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
   state = create_train_state(config, init_rng, learning_rate_fn)
   manager = checkpoint_manager(workdir, config.checkpoint_keep)
   records = read_metrics(workdir)
-  start_epoch = 0
+  start_epoch, start_step, carried_metrics, carried_seconds, elapsed = 0, 0, [], 0.0, 0.0
   if manager.latest_step() is not None:
     state, meta = restore_checkpoint(manager, manager.latest_step(), state)
     start_epoch = meta["epoch"]
     records = [r for r in records if r["epoch"] <= start_epoch]
-    print(f"Resumed from {workdir} at epoch {start_epoch} (step {int(state.step)}).", flush=True)
+    # A checkpoint saved on SIGTERM/Ctrl-C sits inside the next epoch.
+    start_step = meta.get("step_in_epoch", 0)
+    carried_metrics = meta.get("step_metrics", [])
+    carried_seconds = meta.get("epoch_seconds_so_far", 0.0)
+    elapsed = records[-1]["elapsed_seconds"] if records else 0.0
+    where = f", step {start_step} of epoch {start_epoch + 1}" if start_step else ""
+    print(f"Resumed from {workdir} at epoch {start_epoch}{where} (step {int(state.step)}).",
+          flush=True)
   elif config.plots:
     preview = batches.preview(32)
     plots.image_grid(workdir / "augmentations.png", preview["image"],
@@ -256,19 +297,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
         f"{steps_per_epoch} steps of {config.batch_size} per epoch, "
         f"epochs {start_epoch + 1}..{config.num_epochs}, backend {jax.default_backend()}",
         flush=True)
-  elapsed = records[-1]["elapsed_seconds"] if records else 0.0
   meta_common = {"mean": mean.tolist(), "std": std.tolist(), "config": config.to_dict()}
   for epoch in range(start_epoch + 1, config.num_epochs + 1):
-    started = time.time()
-    step_metrics = []
-    bar = tqdm(batches.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch}/{config.num_epochs}",
-               leave=False, dynamic_ncols=True, mininterval=2.0, file=sys.stdout)
-    for i, batch in enumerate(bar):
+    started = time.time() - carried_seconds
+    step_metrics, carried_metrics, carried_seconds = carried_metrics, [], 0.0
+    bar = tqdm(batches.epoch(epoch, start_step), initial=start_step, total=steps_per_epoch,
+               desc=f"epoch {epoch}/{config.num_epochs}", leave=False, dynamic_ncols=True,
+               mininterval=2.0, file=sys.stdout)
+    for i, batch in enumerate(bar, start=start_step):
       state, metrics = train_step(state, batch, dropout_rng, config.label_smoothing)
       step_metrics.append(metrics)
       if i % 20 == 0:
         shown = jax.device_get(metrics)
         bar.set_postfix(loss=f"{shown['loss']:.3f}", acc=f"{shown['accuracy']:.3f}")
+      if stop and i + 1 < steps_per_epoch:
+        bar.close()
+        manager.save(int(state.step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave({
+                "epoch": epoch - 1, "step_in_epoch": i + 1,
+                "step_metrics": [{k: float(v) for k, v in m.items()}
+                                 for m in jax.device_get(step_metrics)],
+                "epoch_seconds_so_far": time.time() - started, **meta_common})))
+        manager.wait_until_finished()
+        raise Interrupted(f"stopped by signal at epoch {epoch}, step {i + 1}/{steps_per_epoch}: "
+                          f"saved checkpoint {int(state.step)}; rerun the same command to resume")
+    start_step = 0
     bar.close()
     step_metrics = jax.device_get(step_metrics)
     losses = np.array([m["loss"] for m in step_metrics])
@@ -278,7 +332,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
           f"loss became {losses[bad]} at step {int(state.step) - len(losses) + bad + 1} "
           f"(epoch {epoch}); stopped without saving it, the last good checkpoint is step "
           f"{manager.latest_step()}: lower --config.learning_rate and rerun")
-    train_metrics = {k: float(np.mean([m[k] for m in step_metrics])) for k in ("loss", "accuracy")}
+    # float32 throughout, so a mean over steps carried through a resume is bit-identical.
+    train_metrics = {k: float(np.mean(np.asarray([m[k] for m in step_metrics], np.float32)))
+                     for k in ("loss", "accuracy")}
     test_metrics, _ = evaluate(state, test_inputs, test_labels, config.eval_batch_size,
                                config.eval_flip)
     seconds = time.time() - started
@@ -301,6 +357,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
           f"  test loss {record['test_loss']:.4f} acc {100 * record['test_accuracy']:.2f}%"
           f"  lr {record['learning_rate']:.4f}  {seconds:.1f}s (total {elapsed / 60:.1f} min)",
           flush=True)
+    if stop and epoch < config.num_epochs:
+      raise Interrupted(f"stopped by signal after epoch {epoch}: saved checkpoint "
+                        f"{int(state.step)}; rerun the same command to resume")
 
   if config.plots and records:
     _, predictions = evaluate(state, test_inputs, test_labels, config.eval_batch_size,
@@ -328,6 +387,9 @@ def main(argv):
   except (ConfigError, TrainingDiverged, input_pipeline.DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except Interrupted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(130)
   if records:
     best = max(records, key=lambda r: r["test_accuracy"])
     print(f"Done: final test accuracy {100 * records[-1]['test_accuracy']:.2f}%, best "

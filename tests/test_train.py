@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -160,3 +161,25 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_archive
   with pytest.raises(train.TrainingDiverged, match=r"at step 5 \(epoch 2\).*checkpoint is step 3"):
     train.train_and_evaluate(config, work)
   assert train.checkpoint_manager(work, 3).all_steps() == [3]
+
+
+def test_sigterm_mid_epoch_saves_and_resume_gives_the_same_metrics(tiny_archive, tmp_path, monkeypatch):
+  config = tiny_config(tiny_archive, tmp_path / "tfds", num_epochs=2, plots=False)
+  uninterrupted = train.train_and_evaluate(config, tmp_path / "a")
+
+  real_step, calls = train.train_step, []
+
+  def step_then_sigterm(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 5:  # Epoch 2, step 2 of 3.
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real_step(*args, **kwargs)
+
+  monkeypatch.setattr(train, "train_step", step_then_sigterm)
+  with pytest.raises(train.Interrupted, match=r"epoch 2, step 2/3: saved checkpoint 5"):
+    train.train_and_evaluate(config, tmp_path / "b")
+  monkeypatch.setattr(train, "train_step", real_step)
+  resumed = train.train_and_evaluate(config, tmp_path / "b")
+
+  keys = ("epoch", "step", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
+  assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in uninterrupted]
