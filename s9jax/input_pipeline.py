@@ -10,8 +10,11 @@ Two sources, one code path after loading:
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import gzip
 import io
+import lzma
 import os
 import pathlib
 import tarfile
@@ -119,14 +122,18 @@ class Cifar10ImageFolder(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(source, split) for split in ("train", "test")}
 
   def _generate_examples(self, source, split):
-    count = 0
+    counts = collections.Counter()
     for name, data, cls in iter_image_folder(source, split):
       if cls not in CLASS_NAMES:
         raise DataError(f"{name}: class folder {cls!r} is not a CIFAR-10 class {CLASS_NAMES}")
-      count += 1
+      counts[cls] += 1
       yield name, {"image": _decode_image(data, name), "label": CLASS_NAMES.index(cls)}
-    if count == 0:
+    if not counts:
       raise DataError(f"{source} has no images under {split}/<class>/")
+    missing = [c for c in CLASS_NAMES if not counts[c]]
+    if missing:
+      raise DataError(f"{source} has no {split} images of {', '.join(missing)}: "
+                      f"every CIFAR-10 class needs a {split}/<class>/ folder")
 
 
 def _prepare_image_folder(source_path: str, data_dir: str) -> Cifar10ImageFolder:
@@ -137,10 +144,25 @@ def _prepare_image_folder(source_path: str, data_dir: str) -> Cifar10ImageFolder
   manual_dir, source_name = (source, None) if source.is_dir() else (source.parent, source.name)
   builder = Cifar10ImageFolder(data_dir=data_dir, file_format="array_record",
                                source_name=source_name)
-  if not builder.is_prepared():
-    print(f"Preparing CIFAR-10 from {source} into {builder.data_dir} (once)...", flush=True)
+  # The prepared copy remembers its source, so pointing at another one cannot silently
+  # reuse it.
+  stamp = pathlib.Path(builder.data_dir) / "s9jax_source.txt"
+  if builder.is_prepared():
+    if not stamp.exists():  # Prepared before sources were recorded: adopt it.
+      stamp.write_text(str(source))
+    prepared_from = stamp.read_text()
+    if prepared_from != str(source):
+      raise DataError(f"{builder.data_dir} was prepared from {prepared_from}, not {source}: "
+                      "pass another --config.data.data_dir (or delete that one)")
+    return builder
+  print(f"Preparing CIFAR-10 from {source} into {builder.data_dir} (once)...", flush=True)
+  try:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=str(manual_dir)))
+  except (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, lzma.LZMAError, EOFError) as e:
+    raise DataError(f"cannot read {source} ({type(e).__name__}: {e}): the archive is corrupt "
+                    "or truncated; fetch or re-create it") from e
+  stamp.write_text(str(source))
   return builder
 
 

@@ -173,3 +173,29 @@ def test_eval_batches_pad_and_mask_the_last_batch():
   batches = list(input_pipeline.eval_batches(images, np.arange(10), 4))
   assert [b["mask"].sum() for b in batches] == [4, 4, 2]
   assert all(b["image"].shape[0] == 4 for b in batches)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_or_truncated_archive_is_a_clear_error(damage, tiny_archive, tmp_path):
+  data = tiny_archive.read_bytes()
+  broken = tmp_path / "broken.tar.gz"
+  broken.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not an archive" * 100)
+  config = tiny_config(broken, tmp_path / "tfds")
+  with pytest.raises(input_pipeline.DataError, match="corrupt or truncated"):
+    input_pipeline.load_split(config.data, "train")
+
+
+def test_a_missing_class_folder_is_rejected(tmp_path):
+  write_tiny_tree(tmp_path / "tree", {"train": 1, "test": 1})
+  for image in (tmp_path / "tree" / "test" / "ship").iterdir():
+    image.unlink()
+  config = tiny_config(tmp_path / "tree", tmp_path / "tfds")
+  with pytest.raises(input_pipeline.DataError, match="no test images of ship"):
+    input_pipeline.load_split(config.data, "test")
+
+
+def test_a_data_dir_prepared_from_another_source_is_not_reused(tiny_archive, tmp_path):
+  input_pipeline.load_split(tiny_config(tiny_archive, tmp_path / "tfds").data, "test")
+  write_tiny_tree(tmp_path / "other", {"train": 1, "test": 1})
+  with pytest.raises(input_pipeline.DataError, match="was prepared from .*tiny-cifar.tar.gz"):
+    input_pipeline.load_split(tiny_config(tmp_path / "other", tmp_path / "tfds").data, "test")
