@@ -158,8 +158,15 @@ def checkpoint_manager(workdir, keep: int) -> ocp.CheckpointManager:
 def restore_checkpoint(manager, step: int, abstract_state: TrainState):
   """(state, meta) of checkpoint `step`; meta holds the epoch record and data stats."""
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  except Exception as e:  # Orbax/TensorStore raise many types; all mean the same here.
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise ConfigError(
+        f"checkpoint {step} in {manager.directory} does not restore into this config's "
+        f"network ({type(e).__name__}: {reason}): it is truncated, foreign, or from another "
+        "config; use the config it was trained with, or another --workdir") from e
   return restored["state"], restored["meta"]
 
 

@@ -183,3 +183,29 @@ def test_sigterm_mid_epoch_saves_and_resume_gives_the_same_metrics(tiny_archive,
 
   keys = ("epoch", "step", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
   assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in uninterrupted]
+
+
+def saved_tiny_checkpoint(tiny_archive, tmp_path):
+  config = tiny_config(tiny_archive, tmp_path / "tfds")
+  manager = train.checkpoint_manager(tmp_path / "work", keep=2)
+  manager.save(1, args=train.ocp.args.Composite(
+      state=train.ocp.args.StandardSave(tiny_state(config)),
+      meta=train.ocp.args.JsonSave({"epoch": 1})), metrics={"test_accuracy": 0.1})
+  manager.wait_until_finished()
+  return config, manager
+
+
+def test_checkpoint_of_another_network_is_a_clear_error(tiny_archive, tmp_path):
+  _, manager = saved_tiny_checkpoint(tiny_archive, tmp_path)
+  wider = tiny_config(tiny_archive, tmp_path / "tfds", **{"model.stem_width": 16})
+  with pytest.raises(train.ConfigError, match="does not restore into this config's network"):
+    train.restore_checkpoint(manager, 1, tiny_state(wider))
+
+
+def test_truncated_checkpoint_is_a_clear_error(tiny_archive, tmp_path):
+  config, manager = saved_tiny_checkpoint(tiny_archive, tmp_path)
+  for path in (tmp_path / "work" / "checkpoints" / "1" / "state").rglob("*"):
+    if path.is_file() and path.stat().st_size > 1000:
+      path.write_bytes(path.read_bytes()[:100])
+  with pytest.raises(train.ConfigError, match="truncated, foreign"):
+    train.restore_checkpoint(manager, 1, tiny_state(config))
