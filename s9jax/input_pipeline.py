@@ -228,8 +228,9 @@ def eval_transform(mean: np.ndarray, std: np.ndarray) -> A.Compose:
 
 
 def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-  """Evaluation input: Normalize alone, applied to the whole array at once."""
-  return np.stack([eval_transform(mean, std)(image=im)["image"] for im in images])
+  """Evaluation input: the same Normalize as training, image by image."""
+  transform = eval_transform(mean, std)
+  return np.stack([transform(image=im)["image"] for im in images])
 
 
 class TrainBatches:
