@@ -22,7 +22,6 @@ import numpy as np
 MAX_PARAMS = 200_000   # Strictly fewer.
 MIN_RF = 44            # Strictly more.
 _SUBJAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
-_MAX_POOL_PRIMITIVES = ("reduce_window_max", "reduce_max", "argmax")
 
 
 @dataclasses.dataclass
@@ -153,10 +152,9 @@ class _Walker:
       return None
     name = eqn.primitive.name
     axes = set(eqn.params.get("axes", ()))
-    if name in _MAX_POOL_PRIMITIVES and (name != "reduce_max" or axes & {1, 2}):
+    # Windowed max pooling (nn.max_pool) or a global max over the spatial axes.
+    if name == "reduce_window_max" or (name == "reduce_max" and axes & {1, 2}):
       self.has_max_pool = True
-    if name == "reduce_window_max" or name.startswith("reduce_window"):
-      self.has_max_pool |= "max" in name
     if name in ("reduce_sum", "reduce_mean") and {1, 2} <= axes:
       self.has_gap = True
     best = max(spatial, key=lambda i: i[0])

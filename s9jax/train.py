@@ -342,8 +342,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
     # float32 throughout, so a mean over steps carried through a resume is bit-identical.
     train_metrics = {k: float(np.mean(np.asarray([m[k] for m in step_metrics], np.float32)))
                      for k in ("loss", "accuracy")}
-    test_metrics, _ = evaluate(state, test_inputs, test_labels, config.eval_batch_size,
-                               config.eval_flip)
+    test_metrics, predictions = evaluate(state, test_inputs, test_labels,
+                                         config.eval_batch_size, config.eval_flip)
     seconds = time.time() - started
     elapsed += seconds
     record = {"epoch": epoch, "step": int(state.step),
@@ -369,8 +369,9 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
                         f"{int(state.step)}; rerun the same command to resume")
 
   if config.plots and records:
-    _, predictions = evaluate(state, test_inputs, test_labels, config.eval_batch_size,
-                              config.eval_flip)
+    if start_epoch >= config.num_epochs:  # Nothing trained in this process.
+      _, predictions = evaluate(state, test_inputs, test_labels, config.eval_batch_size,
+                                config.eval_flip)
     wrong = np.flatnonzero(predictions != test_labels)[:32]
     names = input_pipeline.CLASS_NAMES
     plots.image_grid(workdir / "misclassified.png", test_inputs[wrong],
