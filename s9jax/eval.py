@@ -24,7 +24,6 @@ from s9jax import input_pipeline, plots, train
 FLAGS = flags.FLAGS
 
 
-
 def pick_step(manager, which: str) -> int:
   steps = manager.all_steps()
   if not steps:
