@@ -17,6 +17,7 @@ import io
 import lzma
 import os
 import pathlib
+import stat
 import tarfile
 import threading
 import zipfile
@@ -66,6 +67,15 @@ def _split_class_of(parts: tuple[str, ...]):
   return split, cls
 
 
+def _refuse_escaping_member(source, name: str, is_link: bool):
+  """Nothing is extracted, so such a member could never be written anywhere; it is still
+  refused, because an archive holding one was not made by the tools we document."""
+  if is_link or name.startswith("/") or ".." in name.split("/"):
+    what = "a link" if is_link else "a path outside the archive's folder"
+    raise DataError(f"{source}: member {name!r} is {what}; refusing the archive: "
+                    "re-create it from plain files laid out {train,test}/<class>/<image>")
+
+
 def iter_image_folder(source: str | os.PathLike, split: str) -> Iterator[tuple[str, bytes, str]]:
   """Yields (member name, encoded bytes, class name) for one split of an archive or
   directory, reading archives in place: nothing is extracted, so no member can be
@@ -79,12 +89,15 @@ def iter_image_folder(source: str | os.PathLike, split: str) -> Iterator[tuple[s
   elif source.name.endswith(".zip"):
     with zipfile.ZipFile(source) as zf:
       for info in sorted(zf.infolist(), key=lambda i: i.filename):
+        _refuse_escaping_member(source, info.filename,
+                                stat.S_ISLNK(info.external_attr >> 16))
         found = not info.is_dir() and _split_class_of(tuple(info.filename.split("/")))
         if found and found[0] == split:
           yield info.filename, zf.read(info), found[1]
   elif source.name.endswith(ARCHIVE_SUFFIXES):
     with tarfile.open(source, "r:*") as tf:
       for member in tf:  # Streamed: one pass over a compressed archive.
+        _refuse_escaping_member(source, member.name, member.issym() or member.islnk())
         found = member.isfile() and _split_class_of(tuple(member.name.split("/")))
         if found and found[0] == split:
           yield member.name, tf.extractfile(member).read(), found[1]

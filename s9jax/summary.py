@@ -10,7 +10,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from s9jax import receptive_field
+from s9jax import receptive_field, train
 
 FLAGS = flags.FLAGS
 
@@ -32,4 +32,4 @@ def define_flags():
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=train.parse_flags)

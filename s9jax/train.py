@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import pathlib
+import shutil
 import signal
 import sys
 import time
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from s9jax import input_pipeline, models, plots, receptive_field
 
 METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_SLACK_BYTES = 1 << 20  # Orbax's metadata files, rounded up to pages.
 CONFIG_FILE = "config.json"
 
 
@@ -48,6 +50,10 @@ class TrainingDiverged(Exception):
 
 class Interrupted(Exception):
   """SIGTERM or Ctrl-C arrived; the state was saved mid-epoch."""
+
+
+class CheckpointWriteError(Exception):
+  """A checkpoint could not be written (disk full, permissions); nothing was committed."""
 
 
 # ------------------------------------------------------------------ state and steps
@@ -146,13 +152,48 @@ def checkpoint_manager(workdir, keep: int) -> ocp.CheckpointManager:
   # would keep the best N and could delete the newest, so resume would go backwards.
   policy = ocp.checkpoint_managers.AnyPreservationPolicy([
       ocp.checkpoint_managers.LatestN(n=keep),
-      ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["test_accuracy"], n=1),
+      # Mid-epoch checkpoints (SIGTERM) carry no metrics: once they fall out of the
+      # latest N they go, instead of being kept forever.
+      ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["test_accuracy"], n=1,
+                                    keep_checkpoints_without_metrics=False),
   ])
+  # A save killed before its final rename leaves only a *.orbax-checkpoint-tmp folder,
+  # which is never read back; cleanup removes it on the next start.
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, best_fn=lambda m: m["test_accuracy"], best_mode="max",
-      enable_async_checkpointing=False)
+      enable_async_checkpointing=False, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints",
                                options=options)
+
+
+def save_checkpoint(manager, state: TrainState, meta: dict, metrics: dict | None = None):
+  """Writes and commits checkpoint `state.step`, or raises CheckpointWriteError. Orbax
+  writes into a temporary folder and renames it last, so a failed or killed save never
+  leaves a checkpoint that looks complete."""
+  step = int(state.step)
+  # Checked first: when Orbax itself hits a full disk, its writer threads fail one by one
+  # and print hundreds of lines around our one.
+  needed = 2 * sum(x.nbytes for x in jax.tree.leaves(state)) + CHECKPOINT_SLACK_BYTES
+  free = shutil.disk_usage(manager.directory).free
+  if free < needed:
+    raise CheckpointWriteError(
+        f"not enough space to write checkpoint {step} to {manager.directory} ({free:,} bytes "
+        f"free, {needed:,} needed); nothing was written and the last complete checkpoint is "
+        f"{manager.latest_step()}: free space and rerun the same command to resume from it")
+  try:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), metrics=metrics)
+    manager.wait_until_finished()
+  except Exception as e:  # TensorStore reports a full disk as ValueError(RESOURCE_EXHAUSTED).
+    with contextlib.suppress(Exception):
+      manager.close()  # Joins Orbax's writer threads, which otherwise die noisily at exit.
+    text = str(e)
+    reason = ("no space left on device" if "No space left" in text or "os_error_code='28'" in text
+              else (text.strip().splitlines() or [type(e).__name__])[0][:200])
+    raise CheckpointWriteError(
+        f"could not write checkpoint {step} to {manager.directory} ({reason}); nothing was "
+        f"committed and the last complete checkpoint is {manager.latest_step()}: free space "
+        "(or fix the folder) and rerun the same command to resume from it") from e
 
 
 def restore_checkpoint(manager, step: int, abstract_state: TrainState):
@@ -177,11 +218,20 @@ def read_metrics(workdir) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_metrics(workdir, records: list[dict]):
-  path = pathlib.Path(workdir) / METRICS_FILE
+def write_atomically(path: pathlib.Path, text: str):
+  """A kill mid-write leaves the old file, never half of the new one."""
   tmp = path.with_suffix(".tmp")
-  tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+  try:
+    tmp.write_text(text)
+  except OSError:
+    tmp.unlink(missing_ok=True)
+    raise
   os.replace(tmp, path)
+
+
+def write_metrics(workdir, records: list[dict]):
+  write_atomically(pathlib.Path(workdir) / METRICS_FILE,
+                   "".join(json.dumps(r) + "\n" for r in records))
 
 
 def check_workdir_config(workdir, config):
@@ -195,7 +245,7 @@ def check_workdir_config(workdir, config):
         raise ConfigError(
             f"{workdir} holds a run with a different '{section}' config; use a new --workdir "
             "(or delete that one) to train this config")
-  path.write_text(json.dumps(current, indent=2))
+  write_atomically(path, json.dumps(current, indent=2))
 
 
 # ------------------------------------------------------------------ the loop
@@ -285,6 +335,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
     state, meta = restore_checkpoint(manager, manager.latest_step(), state)
     start_epoch = meta["epoch"]
     records = [r for r in records if r["epoch"] <= start_epoch]
+    if "record" in meta and (not records or records[-1]["epoch"] < start_epoch):
+      records.append(meta["record"])  # Killed after the checkpoint, before metrics.jsonl.
     # A checkpoint saved on SIGTERM/Ctrl-C sits inside the next epoch.
     start_step = meta.get("step_in_epoch", 0)
     carried_metrics = meta.get("step_metrics", [])
@@ -319,14 +371,11 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
         bar.set_postfix(loss=f"{shown['loss']:.3f}", acc=f"{shown['accuracy']:.3f}")
       if stop and i + 1 < steps_per_epoch:
         bar.close()
-        manager.save(int(state.step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave({
-                "epoch": epoch - 1, "step_in_epoch": i + 1,
-                "step_metrics": [{k: float(v) for k, v in m.items()}
-                                 for m in jax.device_get(step_metrics)],
-                "epoch_seconds_so_far": time.time() - started, **meta_common})))
-        manager.wait_until_finished()
+        save_checkpoint(manager, state, {
+            "epoch": epoch - 1, "step_in_epoch": i + 1,
+            "step_metrics": [{k: float(v) for k, v in m.items()}
+                             for m in jax.device_get(step_metrics)],
+            "epoch_seconds_so_far": time.time() - started, **meta_common})
         raise Interrupted(f"stopped by signal at epoch {epoch}, step {i + 1}/{steps_per_epoch}: "
                           f"saved checkpoint {int(state.step)}; rerun the same command to resume")
     start_step = 0
@@ -351,11 +400,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
               **test_metrics,
               "learning_rate": float(learning_rate_fn(int(state.step) - 1)),
               "epoch_seconds": round(seconds, 2), "elapsed_seconds": round(elapsed, 2)}
-    manager.save(int(state.step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave({"epoch": epoch, "record": record, **meta_common})),
-        metrics={"test_accuracy": record["test_accuracy"]})
-    manager.wait_until_finished()
+    save_checkpoint(manager, state, {"epoch": epoch, "record": record, **meta_common},
+                    metrics={"test_accuracy": record["test_accuracy"]})
     records.append(record)
     write_metrics(workdir, records)
     if config.plots:
@@ -386,14 +432,41 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
 FLAGS = flags.FLAGS
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parser for the CLIs, with one-line errors for a bad --config.
+  ml_collections reports a misspelt --config.key as an AttributeError traceback and a
+  config file that fails to load only when first read; both are caught here."""
+  try:
+    rest = FLAGS(argv)
+    if "config" in FLAGS:
+      FLAGS.config.keys()  # A file that failed to load raises on first use.
+    return rest
+  except Exception as e:
+    detail = e.args[0] if e.args else e
+    if isinstance(detail, KeyError):  # AttributeError(KeyError("'key'\nDid you mean ...")).
+      detail = detail.args[0]
+    lines = [line.strip() for line in str(detail).splitlines() if line.strip()]
+    if isinstance(e, AttributeError):
+      text = "unknown config key " + " ".join(lines)
+    else:  # Keep the reason: the last line of a quoted traceback, else the whole text.
+      text = lines[-1] if any(l.startswith("Traceback") for l in lines) else " ".join(lines)
+    print(f"error: {text}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
   try:
     records = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ConfigError, TrainingDiverged, input_pipeline.DataError) as e:
+  except (ConfigError, TrainingDiverged, CheckpointWriteError, input_pipeline.DataError) as e:
     print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except OSError as e:  # A full disk or a read-only workdir while writing metrics or plots.
+    where = f" ({e.filename})" if e.filename else ""
+    print(f"error: {e.strerror or e}{where}: free space or fix the folder and rerun the same "
+          "command; it resumes from the last checkpoint", file=sys.stderr)
     sys.exit(2)
   except Interrupted as e:
     print(str(e), file=sys.stderr)
@@ -414,4 +487,4 @@ def define_flags():
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -1,6 +1,7 @@
 """Offline TFDS source, augmentation and batching, on tiny archives made here (and the
 shared JPEG copy when it is beside the checkout)."""
 
+import io
 import tarfile
 import zipfile
 from collections import Counter
@@ -8,8 +9,10 @@ from collections import Counter
 import albumentations as A
 import numpy as np
 import pytest
+from PIL import Image
 
 from s9jax import input_pipeline
+from tests import conftest
 from tests.conftest import SHARED_ARCHIVE, label_of, load_config, tiny_config, write_tiny_tree
 
 
@@ -199,3 +202,93 @@ def test_a_data_dir_prepared_from_another_source_is_not_reused(tiny_archive, tmp
   write_tiny_tree(tmp_path / "other", {"train": 1, "test": 1})
   with pytest.raises(input_pipeline.DataError, match="was prepared from .*tiny-cifar.tar.gz"):
     input_pipeline.load_split(tiny_config(tmp_path / "other", tmp_path / "tfds").data, "test")
+
+
+def tar_with_extra_member(tmp_path, add_member):
+  """A valid tiny tar plus one hostile member added by `add_member(tarfile, tree)`."""
+  tree = tmp_path / "tree"
+  write_tiny_tree(tree, {"train": 1, "test": 1})
+  path = tmp_path / "hostile.tar"
+  with tarfile.open(path, "w") as tf:
+    tf.add(tree, arcname="cifar")
+    add_member(tf, tree)
+  return path
+
+
+def add_file(name):
+  def add(tf, tree):  # TarInfo by hand: tf.add would strip a leading '/'.
+    data = (tree / "train" / "cat" / "0000.png").read_bytes()
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+  return add
+
+
+def add_link(kind):
+  def add(tf, tree):
+    info = tarfile.TarInfo("cifar/train/cat/link.png")
+    info.type, info.linkname = kind, "/etc/passwd"
+    tf.addfile(info)
+  return add
+
+
+@pytest.mark.parametrize("add_member,what", [
+    (add_file("cifar/../../evil/train/cat/x.png"), "a path outside the archive's folder"),
+    (add_file("/tmp/evil/train/cat/x.png"), "a path outside the archive's folder"),
+    (add_link(tarfile.SYMTYPE), "a link"),
+    (add_link(tarfile.LNKTYPE), "a link"),
+])
+def test_archive_members_escaping_their_folder_are_refused(add_member, what, tmp_path):
+  config = tiny_config(tar_with_extra_member(tmp_path, add_member), tmp_path / "tfds")
+  with pytest.raises(input_pipeline.DataError, match=f"is {what}; refusing the archive"):
+    input_pipeline.load_split(config.data, "train")
+  assert not (tmp_path / "evil").exists() and not (tmp_path / "tfds" / "cifar10_image_folder"
+                                                   / "1.0.0" / "dataset_info.json").exists()
+
+
+def test_zip_symlink_member_is_refused(tmp_path):
+  tree = tmp_path / "tree"
+  write_tiny_tree(tree, {"train": 1, "test": 1})
+  source = tmp_path / "tiny.zip"
+  with zipfile.ZipFile(source, "w") as zf:
+    for path in sorted(tree.rglob("*.png")):
+      zf.write(path, "cifar/" + str(path.relative_to(tree)))
+    link = zipfile.ZipInfo("cifar/train/cat/link.png")
+    link.external_attr = (0o120777 << 16)  # S_IFLNK: how zip stores a symlink.
+    zf.writestr(link, "/etc/passwd")
+  with pytest.raises(input_pipeline.DataError, match="is a link; refusing the archive"):
+    input_pipeline.load_split(tiny_config(source, tmp_path / "tfds").data, "train")
+
+
+def replace_one_image(tmp_path, data: bytes):
+  write_tiny_tree(tmp_path / "tree", {"train": 1, "test": 1})
+  (tmp_path / "tree" / "train" / "cat" / "0000.png").write_bytes(data)
+  return tiny_config(tmp_path / "tree", tmp_path / "tfds")
+
+
+def encoded(image: Image.Image, fmt="PNG") -> bytes:
+  buffer = io.BytesIO()
+  image.save(buffer, format=fmt)
+  return buffer.getvalue()
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"\x89PNG\r\n\x1a\n but not really", "cannot decode image .*cat/0000.png"),
+    (encoded(Image.new("RGB", (64, 64))), "cat/0000.png is 64x64, expected 32x32"),
+])
+def test_undecodable_or_wrongly_sized_images_are_rejected(data, message, tmp_path):
+  config = replace_one_image(tmp_path, data)
+  with pytest.raises(input_pipeline.DataError, match=message):
+    input_pipeline.load_split(config.data, "train")
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
+def test_images_in_other_colour_modes_are_converted_to_rgb(mode, tmp_path):
+  grey = conftest.class_colour(input_pipeline.CLASS_NAMES.index("cat"))
+  image = Image.new("RGB", (32, 32), (grey, grey, grey))
+  image = image.convert(mode, **({"palette": Image.Palette.ADAPTIVE} if mode == "P" else {}))
+  config = replace_one_image(tmp_path, encoded(image, "JPEG" if mode == "CMYK" else "PNG"))
+  images, labels = input_pipeline.load_split(config.data, "train")
+  cat = images[labels == input_pipeline.CLASS_NAMES.index("cat")][0]
+  assert cat.shape == (32, 32, 3)
+  np.testing.assert_allclose(cat.astype(int), grey, atol=2)
