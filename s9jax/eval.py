@@ -41,15 +41,17 @@ def evaluate_checkpoint(config, workdir, which: str = "best") -> dict:
   workdir = pathlib.Path(workdir)
   manager = train.checkpoint_manager(workdir, config.checkpoint_keep)
   step = pick_step(manager, which)
-  state = train.create_train_state(config, jax.random.PRNGKey(0),
-                                   train.create_learning_rate_fn(config, 1))
+  mesh = train.make_mesh(config.num_devices)
+  state = jax.device_put(train.create_train_state(config, jax.random.PRNGKey(0),
+                                                  train.create_learning_rate_fn(config, 1)),
+                         train.replicated(mesh))
   state, meta = train.restore_checkpoint(manager, step, state)
   manager.close()
   mean, std = np.asarray(meta["mean"]), np.asarray(meta["std"])
   images, labels = input_pipeline.load_split(config.data, "test")
   inputs = input_pipeline.normalize(images, mean, std)
   metrics, predictions = train.evaluate(state, inputs, labels, config.eval_batch_size,
-                                        config.eval_flip)
+                                        config.eval_flip, mesh)
   names = input_pipeline.CLASS_NAMES
   matrix = np.zeros((len(names), len(names)), np.int64)
   np.add.at(matrix, (labels, predictions), 1)

@@ -253,13 +253,18 @@ class TrainBatches:
   Deterministic: the order of epoch e is a permutation drawn from (seed, e), and the
   augmentation of batch b of epoch e is seeded from (seed, e, b), whichever thread
   builds it. Drops the last incomplete batch so every step has the same shape.
+
+  `batch_size` is global: with several hosts, each builds only its own equal share of
+  every batch (process `process_index` of `process_count`).
   """
 
   def __init__(self, images, labels, make_transform: Callable[[], A.Compose],
-               batch_size: int, seed: int, workers: int = 2, prefetch: int = 4):
+               batch_size: int, seed: int, workers: int = 2, prefetch: int = 4,
+               process_index: int = 0, process_count: int = 1):
     if len(images) < batch_size:
       raise DataError(f"batch size {batch_size} is larger than the training set ({len(images)})")
     self.images, self.labels, self.batch_size, self.seed = images, labels, batch_size, seed
+    self._host, self._hosts = process_index, process_count
     self.steps_per_epoch = len(images) // batch_size
     self._make_transform = make_transform
     self._local = threading.local()
@@ -275,7 +280,8 @@ class TrainBatches:
 
   def _build(self, epoch: int, step: int, index: np.ndarray):
     transform = self._thread_transform()
-    transform.set_random_seed(int(np.random.default_rng((self.seed, epoch, step)).integers(2**31)))
+    key = (self.seed, epoch, step) + ((self._host,) if self._hosts > 1 else ())
+    transform.set_random_seed(int(np.random.default_rng(key).integers(2**31)))
     batch = np.stack([transform(image=self.images[i])["image"] for i in index])
     return {"image": batch.astype(np.float32), "label": self.labels[index]}
 
@@ -291,6 +297,7 @@ class TrainBatches:
       pending = []
       for step in steps:
         index = order[step * self.batch_size:(step + 1) * self.batch_size]
+        index = np.array_split(index, self._hosts)[self._host]
         pending.append(pool.submit(self._build, epoch, step, index))
         if len(pending) > self._prefetch:
           yield pending.pop(0).result()

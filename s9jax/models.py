@@ -10,7 +10,7 @@ tracer see the canonical form; `conv_impl` only swaps the function that computes
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -18,12 +18,15 @@ import jax.numpy as jnp
 from s9jax import ops
 
 NUM_CLASSES = 10
+# Mixed precision: activations and matmuls in bfloat16; parameters, BatchNorm statistics
+# (Flax reduces in float32) and the logits stay float32.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def conv_factory(conv_impl: str):
-  """nn.Conv without bias (BatchNorm follows every conv but the last) and with the
-  chosen convolution function."""
-  return functools.partial(nn.Conv, use_bias=False,
+def conv_factory(conv_impl: str, dtype=jnp.float32):
+  """nn.Conv without bias (BatchNorm follows every conv but the last), with the chosen
+  convolution function, computing in `dtype` on float32 parameters."""
+  return functools.partial(nn.Conv, use_bias=False, dtype=dtype,
                            conv_general_dilated=ops.conv_function(conv_impl))
 
 
@@ -34,10 +37,11 @@ class SeparableConv(nn.Module):
   dilation: int = 1
   padding: int | None = None  # None: 'same' for the dilation.
   conv_impl: str = "auto"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    conv = conv_factory(self.conv_impl)
+    conv = conv_factory(self.conv_impl, self.dtype)
     pad = self.dilation if self.padding is None else self.padding
     x = conv(x.shape[-1], (3, 3), strides=self.strides, padding=pad,
              kernel_dilation=self.dilation, feature_group_count=x.shape[-1],
@@ -61,18 +65,22 @@ class Seed(nn.Module):
   """
   dropout: float = 0.01
   conv_impl: str = "auto"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = conv_factory(self.conv_impl)
+    conv = conv_factory(self.conv_impl, self.dtype)
+    x = x.astype(self.dtype)
 
     def relu_bn_drop(y):
       y = nn.relu(y)
-      y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(y)
+      y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                       dtype=self.dtype)(y)
       return nn.Dropout(self.dropout, deterministic=not train)(y)
 
     def sep(features, y):
-      return relu_bn_drop(SeparableConv(features, padding=2, conv_impl=self.conv_impl)(y))
+      return relu_bn_drop(SeparableConv(features, padding=2, conv_impl=self.conv_impl,
+                                        dtype=self.dtype)(y))
 
     def down(features, y, dilation=2):
       return relu_bn_drop(conv(features, (3, 3), strides=2, padding=2,
@@ -84,20 +92,22 @@ class Seed(nn.Module):
     x = down(32, sep(128, sep(128, x)))                          # 15 -> 8
     x = down(80, sep(64, sep(100, x)), dilation=1)               # 12 -> 7
     x = global_average_pool(self, x)
-    return conv(NUM_CLASSES, (1, 1))(x[:, None, None, :])[:, 0, 0, :]
+    return conv(NUM_CLASSES, (1, 1))(x[:, None, None, :])[:, 0, 0, :].astype(jnp.float32)
 
 
 class ResidualSeparable(nn.Module):
   """x + (sep-conv -> BN -> ReLU) twice: the work-horse block of `S9Net`."""
   dilation: int = 1
   conv_impl: str = "auto"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     y = x
     for _ in range(2):
-      y = SeparableConv(x.shape[-1], dilation=self.dilation, conv_impl=self.conv_impl)(y)
-      y = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(y))
+      y = SeparableConv(x.shape[-1], dilation=self.dilation, conv_impl=self.conv_impl,
+                        dtype=self.dtype)(y)
+      y = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(y))
     return x + y
 
 
@@ -118,40 +128,50 @@ class S9Net(nn.Module):
   block_dilations: Sequence[int] = (1, 1, 1)
   dropout: float = 0.0
   conv_impl: str = "auto"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = conv_factory(self.conv_impl)
+    conv = conv_factory(self.conv_impl, self.dtype)
 
     def bn_relu(y):
-      return nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(y))
+      return nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                                  dtype=self.dtype)(y))
 
+    x = x.astype(self.dtype)
     x = bn_relu(conv(self.stem_width, (3, 3), padding=1)(x))
     for width, depth, separable, dilation in zip(self.widths, self.depths,
                                                  self.separable_down, self.block_dilations):
       if separable:
-        x = SeparableConv(width, strides=2, dilation=2, conv_impl=self.conv_impl)(x)
+        x = SeparableConv(width, strides=2, dilation=2, conv_impl=self.conv_impl,
+                          dtype=self.dtype)(x)
       else:
         x = conv(width, (3, 3), strides=2, padding=2, kernel_dilation=2)(x)
       x = bn_relu(x)
       for _ in range(depth):
-        x = ResidualSeparable(dilation=dilation, conv_impl=self.conv_impl)(x, train)
+        x = ResidualSeparable(dilation=dilation, conv_impl=self.conv_impl,
+                              dtype=self.dtype)(x, train)
     x = global_average_pool(self, x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    conv_out = nn.Conv(NUM_CLASSES, (1, 1), conv_general_dilated=ops.conv_function(self.conv_impl))
-    return conv_out(x[:, None, None, :])[:, 0, 0, :]
+    conv_out = nn.Conv(NUM_CLASSES, (1, 1), dtype=self.dtype,
+                       conv_general_dilated=ops.conv_function(self.conv_impl))
+    return conv_out(x[:, None, None, :])[:, 0, 0, :].astype(jnp.float32)
 
 
 def create_model(model_config, conv_impl: str | None = None) -> nn.Module:
   """Builds the network a config names. `conv_impl` overrides the config's choice
   (the constraint report always analyses the canonical 'lax' form)."""
   impl = conv_impl or model_config.conv_impl
+  dtype = COMPUTE_DTYPES.get(model_config.get("dtype", "float32"))
+  if dtype is None:
+    raise ValueError(f"model.dtype must be one of {sorted(COMPUTE_DTYPES)}, "
+                     f"got {model_config.dtype!r}")
   if model_config.name == "seed":
-    return Seed(dropout=model_config.dropout, conv_impl=impl)
+    return Seed(dropout=model_config.dropout, conv_impl=impl, dtype=dtype)
   if model_config.name == "s9net":
     return S9Net(stem_width=model_config.stem_width, widths=tuple(model_config.widths),
                  depths=tuple(model_config.depths),
                  separable_down=tuple(model_config.separable_down),
                  block_dilations=tuple(model_config.block_dilations),
-                 dropout=model_config.dropout, conv_impl=impl)
+                 dropout=model_config.dropout, conv_impl=impl, dtype=dtype)
   raise ValueError(f"unknown model.name {model_config.name!r}: expected 'seed' or 's9net'")

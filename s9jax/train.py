@@ -26,6 +26,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
@@ -54,6 +55,37 @@ class Interrupted(Exception):
 
 class CheckpointWriteError(Exception):
   """A checkpoint could not be written (disk full, permissions); nothing was committed."""
+
+
+# ------------------------------------------------------------------ devices
+
+def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
+  """A 1-D 'data' mesh over the first `num_devices` devices (0: all, over every host).
+  Batches are split along it and the state is replicated, so XLA all-reduces the
+  gradients and BatchNorm's batch statistics: both are over the global batch."""
+  devices = jax.devices()
+  count = num_devices or len(devices)
+  if count > len(devices):
+    raise ConfigError(f"num_devices is {count} but only {len(devices)} devices are visible")
+  return jax.make_mesh((count,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices[:count])
+
+
+def replicated(mesh) -> jax.sharding.NamedSharding:
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def shard_batch(batch: dict, mesh) -> dict:
+  """This host's rows of a global batch -> global arrays split along the 'data' axis."""
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def host_rows(array: np.ndarray) -> np.ndarray:
+  """This host's equal share of a global batch held whole by every host."""
+  per_host = len(array) // jax.process_count()
+  return array[jax.process_index() * per_host:(jax.process_index() + 1) * per_host]
 
 
 # ------------------------------------------------------------------ state and steps
@@ -131,15 +163,18 @@ def eval_step(state: TrainState, batch, flip: bool = False):
           "count": jnp.sum(mask)}, predictions
 
 
-def evaluate(state, images, labels, batch_size: int, flip: bool):
-  """Test loss, accuracy and every prediction, over the whole normalised split."""
+def evaluate(state, images, labels, batch_size: int, flip: bool, mesh=None):
+  """Test loss, accuracy and every prediction, over the whole normalised split (each
+  host holds it all and evaluates its share of every batch)."""
+  mesh = mesh or make_mesh(1)
   totals = {"loss_sum": 0.0, "correct": 0, "count": 0}
   predictions = []
   for batch in input_pipeline.eval_batches(images, labels, batch_size):
-    sums, pred = eval_step(state, batch, flip=flip)
+    sums, pred = eval_step(state, shard_batch({k: host_rows(v) for k, v in batch.items()},
+                                              mesh), flip=flip)
     for key, value in jax.device_get(sums).items():
       totals[key] += value
-    predictions.append(np.asarray(pred)[batch["mask"]])
+    predictions.append(multihost_utils.process_allgather(pred, tiled=True)[batch["mask"]])
   count = int(totals["count"])
   return {"test_loss": float(totals["loss_sum"]) / count,
           "test_accuracy": int(totals["correct"]) / count}, np.concatenate(predictions)
@@ -263,9 +298,12 @@ def validate_config(config):
     problems.append(f"weight_decay must be >= 0, got {config.weight_decay}")
   if not 0 <= config.label_smoothing < 1:
     problems.append(f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
-  if config.batch_size > 0 and config.batch_size % jax.device_count():
-    problems.append(f"batch_size {config.batch_size} is not divisible by the "
-                    f"{jax.device_count()} devices")
+  devices = config.num_devices or jax.device_count()
+  if not 0 <= config.num_devices <= jax.device_count():
+    problems.append(f"num_devices must be in [0, {jax.device_count()}], got {config.num_devices}")
+  for name in ("batch_size", "eval_batch_size"):
+    if config[name] > 0 and config[name] % devices:
+      problems.append(f"{name} {config[name]} is not divisible by the {devices} devices")
   if problems:
     raise ConfigError("invalid config: " + "; ".join(problems))
 
@@ -322,12 +360,16 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
   batches = input_pipeline.TrainBatches(
       train_images, train_labels,
       lambda: input_pipeline.train_transform(config.augment, mean, std),
-      config.batch_size, config.seed, workers=config.data.workers)
+      config.batch_size, config.seed, workers=config.data.workers,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  mesh = make_mesh(config.num_devices)
   steps_per_epoch = batches.steps_per_epoch
 
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  state = create_train_state(config, init_rng, learning_rate_fn)
+  # Placed on the mesh before any restore, so a checkpoint from any device count
+  # restores onto this one.
+  state = jax.device_put(create_train_state(config, init_rng, learning_rate_fn), replicated(mesh))
   manager = checkpoint_manager(workdir, config.checkpoint_keep)
   records = read_metrics(workdir)
   start_epoch, start_step, carried_metrics, carried_seconds, elapsed = 0, 0, [], 0.0, 0.0
@@ -364,7 +406,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
                desc=f"epoch {epoch}/{config.num_epochs}", leave=False, dynamic_ncols=True,
                mininterval=2.0, file=sys.stdout)
     for i, batch in enumerate(bar, start=start_step):
-      state, metrics = train_step(state, batch, dropout_rng, config.label_smoothing)
+      state, metrics = train_step(state, shard_batch(batch, mesh), dropout_rng,
+                                  config.label_smoothing)
       step_metrics.append(metrics)
       if i % 20 == 0:
         shown = jax.device_get(metrics)
@@ -392,7 +435,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
     train_metrics = {k: float(np.mean(np.asarray([m[k] for m in step_metrics], np.float32)))
                      for k in ("loss", "accuracy")}
     test_metrics, predictions = evaluate(state, test_inputs, test_labels,
-                                         config.eval_batch_size, config.eval_flip)
+                                         config.eval_batch_size, config.eval_flip, mesh)
     seconds = time.time() - started
     elapsed += seconds
     record = {"epoch": epoch, "step": int(state.step),
@@ -417,7 +460,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
   if config.plots and records:
     if start_epoch >= config.num_epochs:  # Nothing trained in this process.
       _, predictions = evaluate(state, test_inputs, test_labels, config.eval_batch_size,
-                                config.eval_flip)
+                                config.eval_flip, mesh)
     wrong = np.flatnonzero(predictions != test_labels)[:32]
     names = input_pipeline.CLASS_NAMES
     plots.image_grid(workdir / "misclassified.png", test_inputs[wrong],
