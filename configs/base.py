@@ -24,6 +24,7 @@ def get_config(variant: str = ""):
 
   # Every training trick, named once, with its units.
   c.augment = ml_collections.ConfigDict()
+  c.augment.backend = "albumentations"    # 'jax': the same augmentations jitted on device.
   c.augment.image_size = 32               # Resize(32, 32), as the reference.
   c.augment.hflip_p = 0.5                 # HorizontalFlip.
   c.augment.affine_p = 0.5                # ShiftScaleRotate (as Affine): p, then its ranges:

@@ -25,8 +25,11 @@ from typing import Callable, Iterator
 
 import albumentations as A
 import cv2
+import jax
+import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
+from jax.scipy import ndimage
 
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
                "dog", "frog", "horse", "ship", "truck")
@@ -236,6 +239,62 @@ def train_transform(aug_config, mean: np.ndarray, std: np.ndarray) -> A.Compose:
   return A.Compose(transforms, strict=True)
 
 
+def device_augment(rng, images, aug_config, mean, std):
+  """The training augmentations as jitted JAX ops on uint8 NHWC images, for when the
+  host cannot keep up (`augment.backend = 'jax'`): HorizontalFlip, the Affine standing
+  in for ShiftScaleRotate (bilinear, dataset-mean border), CoarseDropout (one hole of the
+  dataset mean), Resize, Normalize; the same order and probabilities as
+  `train_transform`. Same distributions, not the same draws."""
+  n, h, w, c = images.shape
+  fill = jnp.asarray(mean, jnp.float32) * 255.0
+  x = images.astype(jnp.float32)
+  k_flip, k_affine, k_cut = jax.random.split(rng, 3)
+
+  flip = jax.random.uniform(k_flip, (n,)) < aug_config.hflip_p
+  x = jnp.where(flip[:, None, None, None], x[:, :, ::-1], x)
+
+  if aug_config.affine_p > 0:
+    ks, kr, kt, kp = jax.random.split(k_affine, 4)
+    angle = jnp.deg2rad(jax.random.uniform(kr, (n,), minval=-aug_config.rotate,
+                                           maxval=aug_config.rotate))
+    scale = jax.random.uniform(ks, (n,), minval=1 - aug_config.scale, maxval=1 + aug_config.scale)
+    shift = jax.random.uniform(kt, (n, 2), minval=-aug_config.shift,
+                               maxval=aug_config.shift) * jnp.asarray([h, w])
+    apply = jax.random.uniform(kp, (n,)) < aug_config.affine_p
+    rows, cols = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
+                              indexing="ij")
+    centre = jnp.asarray([(h - 1) / 2, (w - 1) / 2])
+
+    def warp(image, angle, scale, shift):
+      # Output pixel -> source pixel: undo the shift, then the rotation and scale about
+      # the centre.
+      dy, dx = rows - centre[0] - shift[0], cols - centre[1] - shift[1]
+      cos, sin = jnp.cos(angle) / scale, jnp.sin(angle) / scale
+      src = jnp.stack([cos * dy - sin * dx + centre[0], sin * dy + cos * dx + centre[1]])
+      # map_coordinates wants a static border value: warp (image - fill) with 0 outside.
+      return jnp.stack([ndimage.map_coordinates(image[..., i] - fill[i], list(src), order=1,
+                                                mode="constant", cval=0.0) + fill[i]
+                        for i in range(c)], axis=-1)
+
+    warped = jax.vmap(warp)(x, angle, scale, shift)
+    x = jnp.where(apply[:, None, None, None], warped, x)
+
+  if aug_config.cutout_p > 0:
+    hole = aug_config.cutout_size
+    ky, kx, kp = jax.random.split(k_cut, 3)
+    top = jax.random.randint(ky, (n, 1, 1), 0, h - hole + 1)
+    left = jax.random.randint(kx, (n, 1, 1), 0, w - hole + 1)
+    r, q = jnp.arange(h)[None, :, None], jnp.arange(w)[None, None, :]
+    inside = (r >= top) & (r < top + hole) & (q >= left) & (q < left + hole)
+    inside &= (jax.random.uniform(kp, (n,)) < aug_config.cutout_p)[:, None, None]
+    x = jnp.where(inside[..., None], fill, x)
+
+  size = aug_config.image_size
+  if (h, w) != (size, size):
+    x = jax.image.resize(x, (n, size, size, c), "bilinear")
+  return (x / 255.0 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
 def eval_transform(mean: np.ndarray, std: np.ndarray) -> A.Compose:
   return A.Compose([A.Normalize(mean=tuple(mean), std=tuple(std))], strict=True)
 
@@ -258,7 +317,7 @@ class TrainBatches:
   every batch (process `process_index` of `process_count`).
   """
 
-  def __init__(self, images, labels, make_transform: Callable[[], A.Compose],
+  def __init__(self, images, labels, make_transform: Callable[[], A.Compose] | None,
                batch_size: int, seed: int, workers: int = 2, prefetch: int = 4,
                process_index: int = 0, process_count: int = 1):
     if len(images) < batch_size:
@@ -279,6 +338,8 @@ class TrainBatches:
     return np.random.default_rng((self.seed, epoch)).permutation(len(self.images))
 
   def _build(self, epoch: int, step: int, index: np.ndarray):
+    if self._make_transform is None:  # Augmented on device: raw uint8, a quarter the bytes.
+      return {"image": self.images[index], "label": self.labels[index]}
     transform = self._thread_transform()
     key = (self.seed, epoch, step) + ((self._host,) if self._hosts > 1 else ())
     transform.set_random_seed(int(np.random.default_rng(key).integers(2**31)))

@@ -280,7 +280,8 @@ def check_workdir_config(workdir, config):
         raise ConfigError(
             f"{workdir} holds a run with a different '{section}' config; use a new --workdir "
             "(or delete that one) to train this config")
-  write_atomically(path, json.dumps(current, indent=2))
+  if jax.process_index() == 0:  # One writer when several hosts share the workdir.
+    write_atomically(path, json.dumps(current, indent=2))
 
 
 # ------------------------------------------------------------------ the loop
@@ -294,6 +295,8 @@ def validate_config(config):
   problems += [f"augment.{name} must be in [0, 1], got {config.augment[name]}"
                for name in ("hflip_p", "affine_p", "cutout_p")
                if not 0 <= config.augment[name] <= 1]
+  if config.augment.backend not in ("albumentations", "jax"):
+    problems.append(f"augment.backend must be 'albumentations' or 'jax', got {config.augment.backend!r}")
   if config.weight_decay < 0:
     problems.append(f"weight_decay must be >= 0, got {config.weight_decay}")
   if not 0 <= config.label_smoothing < 1:
@@ -352,14 +355,18 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
   workdir.mkdir(parents=True, exist_ok=True)
   check_workdir_config(workdir, config)
   report = constraint_report(config)
+  # With several hosts only the first writes files; Orbax coordinates the checkpoints.
+  chief = jax.process_index() == 0
+  make_plots = config.plots and chief
 
   train_images, train_labels = input_pipeline.load_split(config.data, "train")
   test_images, test_labels = input_pipeline.load_split(config.data, "test")
   mean, std = input_pipeline.channel_stats(train_images)  # Train and test alike.
   test_inputs = input_pipeline.normalize(test_images, mean, std)
+  on_device = config.augment.backend == "jax"
   batches = input_pipeline.TrainBatches(
       train_images, train_labels,
-      lambda: input_pipeline.train_transform(config.augment, mean, std),
+      None if on_device else lambda: input_pipeline.train_transform(config.augment, mean, std),
       config.batch_size, config.seed, workers=config.data.workers,
       process_index=jax.process_index(), process_count=jax.process_count())
   mesh = make_mesh(config.num_devices)
@@ -367,6 +374,15 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
 
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  augment_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xA06)
+  augment = jax.jit(functools.partial(input_pipeline.device_augment, aug_config=config.augment,
+                                      mean=mean, std=std))
+
+  def device_batch(batch, global_step):
+    batch = shard_batch(batch, mesh)
+    if on_device:  # Seeded by the step, so a resumed run draws the same augmentations.
+      batch["image"] = augment(jax.random.fold_in(augment_rng, global_step), batch["image"])
+    return batch
   # Placed on the mesh before any restore, so a checkpoint from any device count
   # restores onto this one.
   state = jax.device_put(create_train_state(config, init_rng, learning_rate_fn), replicated(mesh))
@@ -387,8 +403,10 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
     where = f", step {start_step} of epoch {start_epoch + 1}" if start_step else ""
     print(f"Resumed from {workdir} at epoch {start_epoch}{where} (step {int(state.step)}).",
           flush=True)
-  elif config.plots:
+  elif make_plots:
     preview = batches.preview(32)
+    if on_device:
+      preview["image"] = np.asarray(augment(augment_rng, preview["image"]))
     plots.image_grid(workdir / "augmentations.png", preview["image"],
                      [input_pipeline.CLASS_NAMES[l] for l in preview["label"]], mean, std,
                      suptitle="training augmentations (epoch 0)")
@@ -406,8 +424,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
                desc=f"epoch {epoch}/{config.num_epochs}", leave=False, dynamic_ncols=True,
                mininterval=2.0, file=sys.stdout)
     for i, batch in enumerate(bar, start=start_step):
-      state, metrics = train_step(state, shard_batch(batch, mesh), dropout_rng,
-                                  config.label_smoothing)
+      batch = device_batch(batch, (epoch - 1) * steps_per_epoch + i)
+      state, metrics = train_step(state, batch, dropout_rng, config.label_smoothing)
       step_metrics.append(metrics)
       if i % 20 == 0:
         shown = jax.device_get(metrics)
@@ -446,8 +464,9 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
     save_checkpoint(manager, state, {"epoch": epoch, "record": record, **meta_common},
                     metrics={"test_accuracy": record["test_accuracy"]})
     records.append(record)
-    write_metrics(workdir, records)
-    if config.plots:
+    if chief:
+      write_metrics(workdir, records)
+    if make_plots:
       plots.learning_curves(workdir / "learning_curves.png", records)
     print(f"epoch {epoch:3d}  train loss {record['train_loss']:.4f} acc {100 * record['train_accuracy']:.2f}%"
           f"  test loss {record['test_loss']:.4f} acc {100 * record['test_accuracy']:.2f}%"
@@ -457,7 +476,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
       raise Interrupted(f"stopped by signal after epoch {epoch}: saved checkpoint "
                         f"{int(state.step)}; rerun the same command to resume")
 
-  if config.plots and records:
+  if make_plots and records:
     if start_epoch >= config.num_epochs:  # Nothing trained in this process.
       _, predictions = evaluate(state, test_inputs, test_labels, config.eval_batch_size,
                                 config.eval_flip, mesh)
@@ -501,6 +520,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  if FLAGS.distributed:
+    jax.distributed.initialize()  # Before any other JAX call: joins this host to the job.
   try:
     records = train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ConfigError, TrainingDiverged, CheckpointWriteError, input_pipeline.DataError) as e:
@@ -525,6 +546,8 @@ def define_flags():
   """Defined only when run as a program, so modules can import each other."""
   config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots.")
+  flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() "
+                    "first (run the same command on every host).")
 
 
 if __name__ == "__main__":

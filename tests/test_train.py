@@ -147,6 +147,7 @@ def test_cli_trains_resumes_and_eval_restores_the_same_accuracy(tiny_archive, tm
     ({"batch_size": 0}, "batch_size must be > 0"),
     ({"augment.cutout_p": 1.5}, "augment.cutout_p must be in"),
     ({"label_smoothing": 1.0}, "label_smoothing must be in"),
+    ({"augment.backend": "gpu"}, "augment.backend must be 'albumentations' or 'jax'"),
 ])
 def test_invalid_values_are_refused_before_any_work(tiny_archive, tmp_path, override, message):
   config = tiny_config(tiny_archive, tmp_path / "tfds", **override)
@@ -332,3 +333,13 @@ def test_disk_full_while_checkpointing_then_rerun_after_freeing_space(
   filler.unlink()
   run_cli("s9jax.train", *flags, "--config.num_epochs=3")
   assert without_timings(train.read_metrics(work)) == without_timings(uninterrupted_cli_run)
+
+
+def test_device_augmentation_backend_trains_reproducibly(tiny_archive, tmp_path):
+  config = tiny_config(tiny_archive, tmp_path / "tfds", **{"augment.backend": "jax"})
+  first = train.train_and_evaluate(config, tmp_path / "a")
+  assert (tmp_path / "a" / "augmentations.png").exists()
+  assert np.isfinite(first[-1]["train_loss"])
+  config.unlock()
+  config.plots = False
+  assert without_timings(train.train_and_evaluate(config, tmp_path / "b")) == without_timings(first)
