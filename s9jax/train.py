@@ -375,14 +375,15 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   augment_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xA06)
-  augment = jax.jit(functools.partial(input_pipeline.device_augment, aug_config=config.augment,
-                                      mean=mean, std=std))
+  augment = on_device and jax.jit(functools.partial(
+      input_pipeline.device_augment, aug_config=config.augment, mean=mean, std=std))
 
   def device_batch(batch, global_step):
     batch = shard_batch(batch, mesh)
-    if on_device:  # Seeded by the step, so a resumed run draws the same augmentations.
+    if augment:  # Seeded by the step, so a resumed run draws the same augmentations.
       batch["image"] = augment(jax.random.fold_in(augment_rng, global_step), batch["image"])
     return batch
+
   # Placed on the mesh before any restore, so a checkpoint from any device count
   # restores onto this one.
   state = jax.device_put(create_train_state(config, init_rng, learning_rate_fn), replicated(mesh))
@@ -405,7 +406,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
           flush=True)
   elif make_plots:
     preview = batches.preview(32)
-    if on_device:
+    if augment:
       preview["image"] = np.asarray(augment(augment_rng, preview["image"]))
     plots.image_grid(workdir / "augmentations.png", preview["image"],
                      [input_pipeline.CLASS_NAMES[l] for l in preview["label"]], mean, std,

@@ -101,10 +101,15 @@ def test_workdir_of_another_network_is_not_resumed(tiny_archive, tmp_path):
     train.check_workdir_config(work, tiny_config(tiny_archive, tmp_path / "tfds"))
 
 
-def run_cli(module, *args):
+def run_module(module, *args) -> subprocess.CompletedProcess:
+  """`python -m module args` from the checkout, as a user would run it."""
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
-  result = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+  return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def run_cli(module, *args):
+  result = run_module(module, *args)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   return result.stdout
 
@@ -232,17 +237,14 @@ def test_truncated_checkpoint_is_a_clear_error(tiny_archive, tmp_path):
 ])
 def test_bad_config_flags_are_one_line_errors(module, flag, message, tmp_path):
   workdir = [] if module == "s9jax.summary" else ["--workdir", str(tmp_path / "work")]
-  result = subprocess.run([sys.executable, "-m", module, "--config", "configs/base.py",
-                           *workdir, flag], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  result = run_module(module, "--config", "configs/base.py", *workdir, flag)
   assert result.returncode == 2
   assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
   assert not (tmp_path / "work").exists()
 
 
 def test_missing_config_file_is_a_one_line_error(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "s9jax.train", "--config", "configs/nope.py",
-                           "--workdir", str(tmp_path / "w")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+  result = run_module("s9jax.train", "--config", "configs/nope.py", "--workdir", tmp_path / "w")
   assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
   assert "No such file or directory: 'configs/nope.py'" in result.stderr
 
@@ -266,9 +268,7 @@ def test_kill9_then_rerun_finishes_with_the_uninterrupted_metrics(
     point, n, uninterrupted_cli_run, tiny_archive, tmp_path):
   flags = tiny_cli_flags(tiny_archive, tmp_path / "tfds", tmp_path / "work",
                          "--config.num_epochs=3", "--config.plots=False")
-  env = {**os.environ, "PYTHONPATH": str(ROOT)}
-  killed = subprocess.run([sys.executable, "-m", "tests.kill9", point, str(n), "--", *flags],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  killed = run_module("tests.kill9", point, n, "--", *flags)
   assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
   checkpoints = tmp_path / "work" / "checkpoints"
   committed = train.checkpoint_manager(tmp_path / "work", 3).all_steps()
@@ -321,9 +321,7 @@ def test_disk_full_while_checkpointing_then_rerun_after_freeing_space(
     while True:  # Take every free byte...
       f.write(b"\0" * 4096)
   os.truncate(filler, filler.stat().st_size - 8192)  # ...but two pages, for config.json.
-  env = {**os.environ, "PYTHONPATH": str(ROOT)}
-  full = subprocess.run([sys.executable, "-m", "s9jax.train", *flags, "--config.num_epochs=3"],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  full = run_module("s9jax.train", *flags, "--config.num_epochs=3")
   assert full.returncode == 2
   error = full.stderr.strip().splitlines()[-1]
   assert error.startswith("error: not enough space to write checkpoint 6"), full.stderr[-3000:]
