@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from s9jax import input_pipeline, models, plots, receptive_field
+from s9jax import input_pipeline, models, ops, plots, receptive_field
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_SLACK_BYTES = 1 << 20  # Orbax's metadata files, rounded up to pages.
@@ -129,7 +129,8 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
   return optax.softmax_cross_entropy(logits, targets)
 
 
-@functools.partial(jax.jit, static_argnames=("label_smoothing",), donate_argnums=0)
+@functools.partial(jax.jit, static_argnames=("label_smoothing",), donate_argnums=0,
+                   compiler_options=ops.COMPILER_OPTIONS)
 def train_step(state: TrainState, batch, dropout_rng, label_smoothing: float = 0.0):
   """One SGD step on one batch. Pure: the dropout key is folded with the step number,
   so a resumed run draws the same masks."""
@@ -148,7 +149,7 @@ def train_step(state: TrainState, batch, dropout_rng, label_smoothing: float = 0
   return state, {"loss": loss, "accuracy": accuracy}
 
 
-@functools.partial(jax.jit, static_argnames=("flip",))
+@functools.partial(jax.jit, static_argnames=("flip",), compiler_options=ops.COMPILER_OPTIONS)
 def eval_step(state: TrainState, batch, flip: bool = False):
   """Sums over the unmasked examples, and each example's prediction. With `flip`, the
   logits are averaged with those of the mirrored image (test-time augmentation)."""
