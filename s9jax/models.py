@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 from s9jax import ops
 
@@ -28,6 +29,40 @@ def conv_factory(conv_impl: str, dtype=jnp.float32):
   convolution function, computing in `dtype` on float32 parameters."""
   return functools.partial(nn.Conv, use_bias=False, dtype=dtype,
                            conv_general_dilated=ops.conv_function(conv_impl))
+
+
+class BatchNorm(nn.Module):
+  """`nn.BatchNorm`'s maths and variables (params scale/bias, batch_stats mean/var, so
+  checkpoints are shared) with the CPU-fast reductions of `ops.batch_norm_train`.
+  Statistics and the normalisation in float32, the output in `dtype`."""
+  use_running_average: bool = False
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = (x.shape[-1],)
+    scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+    if self.use_running_average:
+      y = ((x.astype(jnp.float32) - ra_mean.value)
+           * (lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias)
+      return y.astype(self.dtype)
+    y, mean, var = ops.batch_norm_train(x, scale, bias, self.epsilon)
+    if not self.is_initializing():
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return y.astype(self.dtype)
+
+
+def norm_factory(conv_impl: str, dtype=jnp.float32):
+  """BatchNorm (momentum 0.9, epsilon 1e-5): Flax's own with the canonical 'lax' ops,
+  the CPU-fast one with the 'fast' ones."""
+  cls = BatchNorm if ops.resolve(conv_impl) == "fast" else nn.BatchNorm
+  return functools.partial(cls, momentum=0.9, epsilon=1e-5, dtype=dtype)
 
 
 class SeparableConv(nn.Module):
@@ -74,8 +109,7 @@ class Seed(nn.Module):
 
     def relu_bn_drop(y):
       y = nn.relu(y)
-      y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                       dtype=self.dtype)(y)
+      y = norm_factory(self.conv_impl, self.dtype)(use_running_average=not train)(y)
       return nn.Dropout(self.dropout, deterministic=not train)(y)
 
     def sep(features, y):
@@ -107,7 +141,7 @@ class ResidualSeparable(nn.Module):
     for _ in range(2):
       y = SeparableConv(x.shape[-1], dilation=self.dilation, conv_impl=self.conv_impl,
                         dtype=self.dtype)(y)
-      y = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(y))
+      y = nn.relu(norm_factory(self.conv_impl, self.dtype)(use_running_average=not train)(y))
     return x + y
 
 
@@ -135,8 +169,7 @@ class S9Net(nn.Module):
     conv = conv_factory(self.conv_impl, self.dtype)
 
     def bn_relu(y):
-      return nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                                  dtype=self.dtype)(y))
+      return nn.relu(norm_factory(self.conv_impl, self.dtype)(use_running_average=not train)(y))
 
     x = x.astype(self.dtype)
     x = bn_relu(conv(self.stem_width, (3, 3), padding=1)(x))

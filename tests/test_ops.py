@@ -1,6 +1,7 @@
 """Every fast convolution the models use equals lax.conv_general_dilated, outputs and
 gradients, and whole models give the same logits with either implementation."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,8 +65,9 @@ def test_auto_picks_fast_on_cpu_and_rejects_unknown():
     ops.resolve("cudnn")
 
 
+@pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("name", ["seed", "base"])
-def test_models_same_logits_and_grads_with_either_implementation(name):
+def test_models_same_logits_and_grads_with_either_implementation(name, train):
   config = load_config(name)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
   fast = models.create_model(config.model, conv_impl="fast")
@@ -76,11 +78,41 @@ def test_models_same_logits_and_grads_with_either_implementation(name):
           == jax.tree.structure(variables))
 
   def loss(params, model):
-    out = model.apply({**variables, "params": params}, x, train=False)
-    return jnp.sum(out ** 2), out
+    out, updates = model.apply({**variables, "params": params}, x, train=train,
+                               mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(2)})
+    return jnp.sum(out ** 2), (out, updates)
 
-  (_, out_fast), g_fast = jax.value_and_grad(loss, has_aux=True)(variables["params"], fast)
-  (_, out_lax), g_lax = jax.value_and_grad(loss, has_aux=True)(variables["params"], canonical)
+  (_, (out_fast, stats_fast)), g_fast = jax.value_and_grad(loss, has_aux=True)(
+      variables["params"], fast)
+  (_, (out_lax, stats_lax)), g_lax = jax.value_and_grad(loss, has_aux=True)(
+      variables["params"], canonical)
   np.testing.assert_allclose(out_fast, out_lax, rtol=1e-4, atol=1e-4)
-  for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_lax)):
+  # Training mode also updates the BatchNorm running statistics: same values either way.
+  for a, b in zip(jax.tree.leaves((g_fast, stats_fast)), jax.tree.leaves((g_lax, stats_lax))):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_fast_batch_norm_matches_flax(train):
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(0), (4, 5, 7, 6))  # Off-centre.
+  flax_bn = nn.BatchNorm(momentum=0.9, epsilon=1e-5)
+  fast_bn = models.BatchNorm(momentum=0.9, epsilon=1e-5)
+  variables = flax_bn.init(jax.random.PRNGKey(1), x, use_running_average=False)
+  assert jax.tree.structure(fast_bn.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(variables)
+  variables = {"params": {"scale": jnp.linspace(0.5, 2.0, 6), "bias": jnp.linspace(-1, 1, 6)},
+               "batch_stats": {"mean": jnp.full(6, 2.5), "var": jnp.full(6, 3.0)}}
+
+  def run(module, **kwargs):
+    def loss(params, x):
+      y, updates = module.apply({**variables, "params": params}, x, mutable=["batch_stats"],
+                                **kwargs)
+      return jnp.sum(y * jnp.cos(y)), (y, updates["batch_stats"])
+    (_, (y, stats)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        variables["params"], x)
+    return y, stats, grads
+
+  y_flax, stats_flax, g_flax = run(flax_bn, use_running_average=not train)
+  y_fast, stats_fast, g_fast = run(models.BatchNorm(use_running_average=not train))
+  np.testing.assert_allclose(y_fast, y_flax, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves((stats_fast, g_fast)), jax.tree.leaves((stats_flax, g_flax))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,87 @@
+"""Where a train step's time goes: XLA's own per-op profile, summed by op kind.
+
+    python benchmarks/profile_step.py [--config base] [--batch 256] [--steps 5] [--top 15]
+
+Runs the real jitted `train.train_step` on random data under `jax.profiler`, then reads
+the Perfetto trace it writes and prints images/s, the slowest ops and the time per op kind
+(XLA's fusion names without their numbers, e.g. `wrapped_reduce-window`,
+`ynn_fusion`). Pass `--hlo FILE` to also write the optimised HLO, to look up what an op
+computes. This is how every fast path in `s9jax/ops.py` was found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import importlib
+import json
+import pathlib
+import re
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from s9jax import train  # noqa: E402
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", default="base", help="a module in configs/")
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--top", type=int, default=15)
+  parser.add_argument("--hlo", help="write the optimised HLO of the step here")
+  args = parser.parse_args()
+
+  config = importlib.import_module(f"configs.{args.config}").get_config()
+  state = train.create_train_state(config, jax.random.PRNGKey(0),
+                                   train.create_learning_rate_fn(config, 100))
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32),
+           "label": rng.integers(0, 10, args.batch).astype(np.int32)}
+  key = jax.random.PRNGKey(1)
+  if args.hlo:
+    compiled = train.train_step.lower(state, batch, key, config.label_smoothing).compile()
+    pathlib.Path(args.hlo).write_text(compiled.as_text())
+  for _ in range(3):  # Compile and warm up.
+    state, metrics = train.train_step(state, batch, key, config.label_smoothing)
+  jax.block_until_ready(metrics)
+
+  with tempfile.TemporaryDirectory() as trace_dir:
+    start = time.perf_counter()
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(args.steps):
+        state, metrics = train.train_step(state, batch, key, config.label_smoothing)
+      jax.block_until_ready(metrics)
+    seconds = time.perf_counter() - start
+    trace_file = next(pathlib.Path(trace_dir).rglob("*.trace.json.gz"))
+    events = json.load(gzip.open(trace_file))["traceEvents"]
+
+  per_op, per_kind, kind_count = collections.Counter(), collections.Counter(), collections.Counter()
+  for event in events:
+    name = event.get("name", "")
+    # Complete events of XLA ops only: skip Python frames ($...) and the executor's own.
+    if event.get("ph") != "X" or name.startswith("$") or "Thunk" in name or "::" in name:
+      continue
+    per_op[name] += event["dur"] / 1e3 / args.steps
+    kind = re.sub(r"\.\d+$", "", name)
+    per_kind[kind] += event["dur"] / 1e3 / args.steps
+    kind_count[kind] += 1 / args.steps
+
+  print(f"{args.config}, batch {args.batch}: {args.batch * args.steps / seconds:.1f} images/s "
+        f"under the profiler; op time {sum(per_kind.values()):.1f} ms a step")
+  print("\nslowest ops (ms a step):")
+  for name, ms in per_op.most_common(args.top):
+    print(f"  {ms:8.2f}  {name}")
+  print("\nby op kind (ms a step, ops a step):")
+  for kind, ms in per_kind.most_common(args.top):
+    print(f"  {ms:8.2f}  {kind_count[kind]:5.0f}  {kind}")
+
+
+if __name__ == "__main__":
+  main()
