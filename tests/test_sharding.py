@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT
@@ -31,23 +32,48 @@ def run_on_8_devices(script: str, tmp_path, *args) -> dict:
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_eight_devices_give_the_one_device_metrics(tiny_archive, tmp_path):
+def test_eight_devices_give_the_one_device_step_and_run(tiny_archive, tmp_path):
   out = run_on_8_devices("""
+    import numpy as np
     archive, base = sys.argv[1], sys.argv[2]
-    runs = {}
+    config = tiny_config(archive, base + "/tfds", batch_size=16)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(0.3, 1.0, (16, 32, 32, 3)).astype(np.float32),
+             "label": rng.integers(0, 10, 16).astype(np.int32)}
+    steps, runs = {}, {}
     for n in (1, 8):
-      config = tiny_config(archive, base + "/tfds", num_devices=n, batch_size=16,
-                           eval_batch_size=16, num_epochs=2, plots=False)
-      records = train.train_and_evaluate(config, f"{base}/work{n}")
+      # One step from the same state: the exact semantics (BatchNorm statistics and the
+      # gradient over the global batch), free of the drift a whole run amplifies.
+      mesh = train.make_mesh(n)
+      state = jax.device_put(
+          train.create_train_state(config, jax.random.PRNGKey(0),
+                                   train.create_learning_rate_fn(config, 10)),
+          train.replicated(mesh))
+      state, metrics = train.train_step(state, train.shard_batch(batch, mesh),
+                                        jax.random.PRNGKey(1), config.label_smoothing)
+      leaves = jax.tree.leaves((metrics["loss"], state.params, state.batch_stats))
+      steps[n] = [np.asarray(leaf).ravel().tolist() for leaf in jax.device_get(leaves)]
+      run_config = tiny_config(archive, base + "/tfds", num_devices=n, batch_size=16,
+                               eval_batch_size=16, num_epochs=2, plots=False)
+      records = train.train_and_evaluate(run_config, f"{base}/work{n}")
       runs[n] = [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in records]
-    print(json.dumps(runs))
+    print(json.dumps({"steps": steps, "runs": runs}))
   """, tmp_path, tiny_archive, tmp_path)
-  one, eight = out["1"], out["8"]
+  # Float32 summation order alone moves one step's kernels by up to ~5e-5 here (the same
+  # with canonical lax convolutions); per-device statistics or an unreduced gradient
+  # would move them by orders of magnitude more.
+  for a, b in zip(out["steps"]["1"], out["steps"]["8"]):
+    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4)
+  one, eight = out["runs"]["1"], out["runs"]["8"]
   assert [r["epoch"] for r in eight] == [1, 2]
+  # Over whole epochs that drift compounds (~1e-3 after three steps at this learning
+  # rate, lax convolutions included) to ~1% in the 20-image test loss. So: same schedule exactly,
+  # train loss close, test loss within that drift.
   for a, b in zip(one, eight):
     assert a["step"] == b["step"]
-    for key in ("train_loss", "test_loss", "train_accuracy", "test_accuracy", "learning_rate"):
-      assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    assert b["learning_rate"] == pytest.approx(a["learning_rate"], rel=1e-6)
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+    assert b["test_loss"] == pytest.approx(a["test_loss"], rel=5e-2)
 
 
 def test_checkpoints_restore_across_device_counts(tiny_archive, tmp_path):
