@@ -1,5 +1,6 @@
-"""Convolution (and BatchNorm) implementations: the canonical `lax.conv_general_dilated`, and CPU-fast
-equivalents with the same signature, plugged into `flax.linen.Conv(conv_general_dilated=...)`.
+"""Convolution (and BatchNorm) implementations: the canonical `lax.conv_general_dilated`,
+and CPU-fast equivalents with the same signature, plugged into
+`flax.linen.Conv(conv_general_dilated=...)`.
 
 Why: XLA:CPU lowers grouped (depthwise) and 1x1 convolutions to slow generic kernels.
 Measured on the 2-core dev machine (jax 0.10.2, 256x16x16x64, forward+backward):
