@@ -78,11 +78,13 @@ def torch_network(config):
     layers += [tnn.AdaptiveAvgPool2d(1), tnn.Conv2d(cin, 10, 1, bias=False), tnn.Flatten()]
     return tnn.Sequential(*layers)
 
-  layers = bn_relu_after(tnn.Conv2d(3, m.stem_width, 3, padding=1, bias=False), m.stem_width)
+  layers = bn_relu_after(tnn.Conv2d(3, m.stem_width, 3, m.stem_stride, padding=1,
+                                    bias=False), m.stem_width)
   cin = m.stem_width
-  for width, depth, sep, dilation in zip(m.widths, m.depths, m.separable_down, m.block_dilations):
-    down = (separable(cin, width, stride=2, dilation=2) if sep
-            else [tnn.Conv2d(cin, width, 3, 2, 2, 2, bias=False)])
+  for width, depth, sep, stride, down_dilation, dilation in zip(
+      m.widths, m.depths, m.separable_down, m.down_strides, m.down_dilations, m.block_dilations):
+    down = (separable(cin, width, stride, down_dilation) if sep
+            else [tnn.Conv2d(cin, width, 3, stride, down_dilation, down_dilation, bias=False)])
     layers += [*down, tnn.BatchNorm2d(width), tnn.ReLU()]
     layers += [Residual(width, dilation) for _ in range(depth)]
     cin = width

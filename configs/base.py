@@ -39,9 +39,12 @@ def get_config(variant: str = ""):
   c.model.conv_impl = "auto"              # 'auto': CPU-fast convs and BatchNorm on CPU, lax on GPU/TPU.
   c.model.dtype = "float32"               # 'bfloat16': mixed precision (params stay float32).
   c.model.stem_width = 24
+  c.model.stem_stride = 1                 # 2: the stem downsamples (see configs/fast.py).
   c.model.widths = (48, 96, 160)          # Channels at 16x16, 8x8, 4x4.
   c.model.depths = (1, 2, 2)              # Residual separable blocks per stage.
   c.model.separable_down = (False, True, True)  # Dense or separable dilated strided conv.
+  c.model.down_strides = (2, 2, 2)        # Each stage's first conv: stride,
+  c.model.down_dilations = (2, 2, 2)      #   dilation (and padding, 'same').
   c.model.block_dilations = (1, 1, 1)
   c.model.dropout = 0.0                   # Before the classifier.
 

@@ -1,6 +1,6 @@
-"""The 15-minute budget: `configs/base.py`'s network and optimiser, with the schedule cut
-to the 13 epochs (plus data loading and compilation) that fit in 15 minutes on the 2-core
-dev machine, and lighter augmentation for the short run.
+"""The 15-minute budget on a 2-core CPU: `configs/base.py`'s recipe on the same network
+computed at a quarter of the stem's cost, with the schedule cut to what fits in 15 minutes
+(data loading and compilation included) and lighter augmentation for the short run.
 
 Run: python -m s9jax.train --config configs/fast.py --workdir runs/fast
 Measured: see README, "Benchmarks" (benchmark 3).
@@ -11,8 +11,18 @@ from configs import base
 
 def get_config(variant: str = ""):
   c = base.get_config(variant)
+  # base.py's stem ran at 32x32, but its only reader, the stride-2 dilation-2 conv, reads
+  # its even pixels alone: a stride-2 stem and an undilated stride-1 conv compute the same
+  # network (BatchNorm statistics over those pixels only) at 1.23x the step speed.
+  c.model.stem_stride = 2
+  c.model.down_strides = (1, 2, 2)
+  c.model.down_dilations = (1, 2, 2)
   if not variant:
-    c.num_epochs = 13
+    c.num_epochs = 18
+    # Twice the updates per epoch at the same images/s (1,341 vs 1,320 on s9net, 2 cores);
+    # learning rate scaled with the batch.
+    c.batch_size = 128
+    c.learning_rate = 0.1
   c.warmup_epochs = 1.0
   # A short run underfits more than it overfits (16 epochs of this recipe: 88% train vs
   # 83% test accuracy): half the Affine rate, no CoarseDropout.

@@ -154,11 +154,18 @@ class S9Net(nn.Module):
   (19 MFLOP forward per image by XLA's cost analysis, against the reference's 93), and
   the two deeper downsamplings are separable to leave the parameter budget to the wide
   last stage.
+
+  `stem_stride=2` with a first stage of stride 1, dilation 1 is the same network computed
+  at a quarter of the stem's cost (configs/fast.py): the stride-2 dilation-2 conv reads
+  only the stem's even pixels. Only the BatchNorm statistics differ (over those pixels).
   """
   stem_width: int = 24
+  stem_stride: int = 1
   widths: Sequence[int] = (48, 96, 160)
   depths: Sequence[int] = (1, 2, 2)
   separable_down: Sequence[bool] = (False, True, True)
+  down_strides: Sequence[int] = (2, 2, 2)
+  down_dilations: Sequence[int] = (2, 2, 2)
   block_dilations: Sequence[int] = (1, 1, 1)
   dropout: float = 0.0
   conv_impl: str = "auto"
@@ -172,14 +179,16 @@ class S9Net(nn.Module):
       return nn.relu(norm_factory(self.conv_impl, self.dtype)(use_running_average=not train)(y))
 
     x = x.astype(self.dtype)
-    x = bn_relu(conv(self.stem_width, (3, 3), padding=1)(x))
-    for width, depth, separable, dilation in zip(self.widths, self.depths,
-                                                 self.separable_down, self.block_dilations):
+    x = bn_relu(conv(self.stem_width, (3, 3), strides=self.stem_stride, padding=1)(x))
+    for width, depth, separable, stride, down_dilation, dilation in zip(
+        self.widths, self.depths, self.separable_down, self.down_strides,
+        self.down_dilations, self.block_dilations):
       if separable:
-        x = SeparableConv(width, strides=2, dilation=2, conv_impl=self.conv_impl,
-                          dtype=self.dtype)(x)
+        x = SeparableConv(width, strides=stride, dilation=down_dilation,
+                          conv_impl=self.conv_impl, dtype=self.dtype)(x)
       else:
-        x = conv(width, (3, 3), strides=2, padding=2, kernel_dilation=2)(x)
+        x = conv(width, (3, 3), strides=stride, padding=down_dilation,
+                 kernel_dilation=down_dilation)(x)
       x = bn_relu(x)
       for _ in range(depth):
         x = ResidualSeparable(dilation=dilation, conv_impl=self.conv_impl,
@@ -202,9 +211,13 @@ def create_model(model_config, conv_impl: str | None = None) -> nn.Module:
   if model_config.name == "seed":
     return Seed(dropout=model_config.dropout, conv_impl=impl, dtype=dtype)
   if model_config.name == "s9net":
-    return S9Net(stem_width=model_config.stem_width, widths=tuple(model_config.widths),
+    return S9Net(stem_width=model_config.stem_width,
+                 stem_stride=model_config.stem_stride,
+                 widths=tuple(model_config.widths),
                  depths=tuple(model_config.depths),
                  separable_down=tuple(model_config.separable_down),
+                 down_strides=tuple(model_config.down_strides),
+                 down_dilations=tuple(model_config.down_dilations),
                  block_dilations=tuple(model_config.block_dilations),
                  dropout=model_config.dropout, conv_impl=impl, dtype=dtype)
   raise ValueError(f"unknown model.name {model_config.name!r}: expected 'seed' or 's9net'")

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from s9jax import models
@@ -19,11 +20,37 @@ def test_seed_has_the_reference_parameter_count():
   assert param_count(load_config("seed")) == 198_776
 
 
-def test_base_network_parameter_count_is_pinned():
-  assert param_count(load_config("base")) == 190_738
+@pytest.mark.parametrize("name", ["base", "fast"])
+def test_s9net_parameter_count_is_pinned(name):
+  assert param_count(load_config(name)) == 190_738
 
 
-@pytest.mark.parametrize("name", ["seed", "base"])
+def test_fast_network_is_the_base_network_with_the_stride_moved_into_the_stem():
+  # base.py's stride-2 dilation-2 conv reads only the stem's even pixels; fast.py computes
+  # just those. In inference mode (BatchNorm a per-channel affine) the logits are equal
+  # for the same variables; in training the statistics cover those pixels only.
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  base = models.create_model(load_config("base").model, conv_impl="lax")
+  fast = models.create_model(load_config("fast").model, conv_impl="lax")
+  variables = base.init({"params": jax.random.PRNGKey(1)}, x)
+  assert (jax.tree.structure(fast.init({"params": jax.random.PRNGKey(1)}, x))
+          == jax.tree.structure(variables))
+  keys = iter(jax.random.split(jax.random.PRNGKey(2), 100))
+  variables["batch_stats"] = jax.tree_util.tree_map_with_path(  # Not a fresh init's identity.
+      lambda path, v: (v * jnp.exp(0.3 * jax.random.normal(next(keys), v.shape))
+                       if path[-1].key == "var" else 0.1 * jax.random.normal(next(keys), v.shape)),
+      variables["batch_stats"])
+
+  def features(model):  # The map GAP pools: O(1) values, unlike the fresh logits.
+    _, state = model.apply(variables, x, mutable=["intermediates"])
+    return state["intermediates"]["features"][0]
+
+  expected = features(base)
+  assert expected.shape == (2, 4, 4, 160) and jnp.std(expected) > 0.1
+  np.testing.assert_allclose(features(fast), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["seed", "base", "fast"])
 def test_logits_shape_and_train_mode_updates_batch_stats(name):
   config = load_config(name)
   model = models.create_model(config.model)

@@ -20,6 +20,7 @@ VARIANTS = [
     (3, 8, 8, 8, 1, 2, 2),      # dilated depthwise
     (1, 8, 12, 1, 1, 1, 0),     # pointwise
     (3, 3, 12, 1, 1, 1, 1),     # stem
+    (3, 3, 12, 1, 2, 1, 1),     # strided stem (fast.py)
     (3, 3, 12, 1, 1, 1, 2),     # seed's first conv
     (3, 8, 12, 1, 2, 2, 2),     # dilated strided conv (both networks)
     (3, 8, 12, 1, 2, 1, 2),     # seed's last strided conv
@@ -66,7 +67,7 @@ def test_auto_picks_fast_on_cpu_and_rejects_unknown():
 
 
 @pytest.mark.parametrize("train", [False, True])
-@pytest.mark.parametrize("name", ["seed", "base"])
+@pytest.mark.parametrize("name", ["seed", "base", "fast"])
 def test_models_same_logits_and_grads_with_either_implementation(name, train):
   config = load_config(name)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))

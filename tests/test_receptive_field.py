@@ -66,7 +66,7 @@ def gradient_support(model, variables, size: int) -> int:
   return int(support[-1] - support[0] + 1)
 
 
-@pytest.mark.parametrize("name,size", [("seed", 160), ("base", 200)])
+@pytest.mark.parametrize("name,size", [("seed", 160), ("base", 200), ("fast", 200)])
 def test_traced_rf_equals_gradient_support(name, size):
   config = load_config(name)
   model = models.create_model(config.model, conv_impl="lax")
@@ -75,12 +75,12 @@ def test_traced_rf_equals_gradient_support(name, size):
   assert traced == gradient_support(model, variables, size)
 
 
-def test_both_configs_pass_every_constraint():
-  seed = receptive_field.analyse_config(load_config("seed"))
-  base = receptive_field.analyse_config(load_config("base"))
-  assert seed.passed and base.passed, (seed.failures(), base.failures())
-  assert (seed.total_params, seed.rf) == (198_776, 105)
-  assert (base.total_params, base.rf) == (190_738, 135)
+@pytest.mark.parametrize("name,params,rf", [
+    ("seed", 198_776, 105), ("base", 190_738, 135), ("fast", 190_738, 135)])
+def test_every_config_passes_every_constraint(name, params, rf):
+  report = receptive_field.analyse_config(load_config(name))
+  assert report.passed, report.failures()
+  assert (report.total_params, report.rf) == (params, rf)
 
 
 class Separable(nn.Module):
