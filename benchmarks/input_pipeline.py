@@ -1,7 +1,7 @@
 """Benchmark 2: images/s the Albumentations input pipeline delivers vs images/s the
 train step consumes, on this machine.
 
-    python benchmarks/input_pipeline.py [--config configs/base.py] [--batches 40]
+    python benchmarks/input_pipeline.py [--config base] [--batches 40]
 
 The pipeline is timed alone (its threads free to use both cores); the train step alone
 on random data. Prints one line: pipeline img/s, step img/s, ratio.

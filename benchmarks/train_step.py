@@ -1,5 +1,6 @@
 """Benchmark 1: train-step throughput (images/s) of s9jax vs the same network in PyTorch
-eager (channels_last, CPU), measured side by side in one process, for both networks.
+eager (channels_last, CPU), measured side by side in one process, for each network
+(base.py's, fast.py's: the same with the stride in the stem, and the seed network).
 
     pip install -e ".[bench]" && python benchmarks/train_step.py [--steps 20] [--batch 256]
 
@@ -122,7 +123,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--batch", type=int, default=256)
-  parser.add_argument("--configs", nargs="+", default=["base", "seed"])
+  parser.add_argument("--configs", nargs="+", default=["base", "fast", "seed"])
   args = parser.parse_args()
   import torch
   print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "

@@ -61,6 +61,10 @@ def get_config(variant: str = ""):
   c.warmup_epochs = 2.0
   c.label_smoothing = 0.1
   c.eval_flip = True                      # Test-time augmentation: average with the mirror.
+  c.progressive_size = 0                  # Progressive resizing: the first
+  c.progressive_epochs = 0                #   progressive_epochs train on batches resized to
+                                          #   progressive_size pixels (after augmentation, on
+                                          #   device); 0: off. Evaluation stays at full size.
 
   c.checkpoint_keep = 3                   # Latest N kept, plus the best by test accuracy.
   c.allow_constraint_violation = False    # Refuse to train a network that breaks S9's rules.

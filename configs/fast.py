@@ -18,7 +18,11 @@ def get_config(variant: str = ""):
   c.model.down_strides = (1, 2, 2)
   c.model.down_dilations = (1, 2, 2)
   if not variant:
-    c.num_epochs = 18
+    # 8 epochs at 24 pixels (~29 s each instead of ~45 s) buy 3 more epochs in the budget:
+    # seed 0, 84.24% after 21 epochs in 14.3 min vs 83.95% after 18 at 32 pixels in 13.9.
+    c.num_epochs = 21
+    c.progressive_size = 24
+    c.progressive_epochs = 8
     # Twice the updates per epoch at the same images/s (1,341 vs 1,320 on s9net, 2 cores);
     # learning rate scaled with the batch.
     c.batch_size = 128

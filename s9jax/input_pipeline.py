@@ -295,6 +295,13 @@ def device_augment(rng, images, aug_config, mean, std):
   return (x / 255.0 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
+def resize_batch(images, size: int):
+  """Normalised NHWC images resized to size x size (progressive resizing), antialiased.
+  Linear in the pixels, so resizing after Normalize equals normalising after Resize."""
+  n, _, _, c = images.shape
+  return jax.image.resize(images, (n, size, size, c), "linear", antialias=True)
+
+
 def eval_transform(mean: np.ndarray, std: np.ndarray) -> A.Compose:
   return A.Compose([A.Normalize(mean=tuple(mean), std=tuple(std))], strict=True)
 

@@ -301,6 +301,12 @@ def validate_config(config):
                if not 0 <= config.augment[name] <= 1]
   if config.augment.backend not in ("albumentations", "jax"):
     problems.append(f"augment.backend must be 'albumentations' or 'jax', got {config.augment.backend!r}")
+  if config.progressive_epochs and not 8 <= config.progressive_size <= config.augment.image_size:
+    problems.append(f"progressive_size must be in [8, augment.image_size="
+                    f"{config.augment.image_size}] when progressive_epochs > 0, "
+                    f"got {config.progressive_size}")
+  if not 0 <= config.progressive_epochs <= config.num_epochs:
+    problems.append(f"progressive_epochs must be in [0, num_epochs], got {config.progressive_epochs}")
   if config.weight_decay < 0:
     problems.append(f"weight_decay must be >= 0, got {config.weight_decay}")
   if not 0 <= config.label_smoothing < 1:
@@ -381,11 +387,14 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
   augment_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xA06)
   augment = on_device and jax.jit(functools.partial(
       input_pipeline.device_augment, aug_config=config.augment, mean=mean, std=std))
+  resize = jax.jit(input_pipeline.resize_batch, static_argnums=1)
 
-  def device_batch(batch, global_step):
+  def device_batch(batch, epoch, global_step):
     batch = shard_batch(batch, mesh)
     if augment:  # Seeded by the step, so a resumed run draws the same augmentations.
       batch["image"] = augment(jax.random.fold_in(augment_rng, global_step), batch["image"])
+    if epoch <= config.progressive_epochs:
+      batch["image"] = resize(batch["image"], config.progressive_size)
     return batch
 
   # Placed on the mesh before any restore, so a checkpoint from any device count
@@ -429,7 +438,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
                desc=f"epoch {epoch}/{config.num_epochs}", leave=False, dynamic_ncols=True,
                mininterval=2.0, file=sys.stdout)
     for i, batch in enumerate(bar, start=start_step):
-      batch = device_batch(batch, (epoch - 1) * steps_per_epoch + i)
+      batch = device_batch(batch, epoch, (epoch - 1) * steps_per_epoch + i)
       state, metrics = train_step(state, batch, dropout_rng, config.label_smoothing)
       step_metrics.append(metrics)
       if i % 20 == 0:

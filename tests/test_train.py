@@ -153,6 +153,8 @@ def test_cli_trains_resumes_and_eval_restores_the_same_accuracy(tiny_archive, tm
     ({"augment.cutout_p": 1.5}, "augment.cutout_p must be in"),
     ({"label_smoothing": 1.0}, "label_smoothing must be in"),
     ({"augment.backend": "gpu"}, "augment.backend must be 'albumentations' or 'jax'"),
+    ({"progressive_epochs": 1, "progressive_size": 4}, "progressive_size must be in"),
+    ({"progressive_epochs": 2, "progressive_size": 16}, "progressive_epochs must be in"),
 ])
 def test_invalid_values_are_refused_before_any_work(tiny_archive, tmp_path, override, message):
   config = tiny_config(tiny_archive, tmp_path / "tfds", **override)
@@ -341,3 +343,30 @@ def test_device_augmentation_backend_trains_reproducibly(tiny_archive, tmp_path)
   config.unlock()
   config.plots = False
   assert without_timings(train.train_and_evaluate(config, tmp_path / "b")) == without_timings(first)
+
+
+def test_progressive_resizing_trains_the_first_epochs_small_and_evaluates_full_size(
+    tiny_archive, tmp_path, monkeypatch):
+  config = tiny_config(tiny_archive, tmp_path / "tfds", num_epochs=3, plots=False,
+                       progressive_epochs=2, progressive_size=16)
+  seen = []
+  step = train.train_step
+
+  def recording_step(state, batch, *args):
+    seen.append(batch["image"].shape[1:3])
+    return step(state, batch, *args)
+
+  monkeypatch.setattr(train, "train_step", recording_step)
+  records = train.train_and_evaluate(config, tmp_path / "work")
+  per_epoch = len(seen) // 3
+  assert seen == [(16, 16)] * 2 * per_epoch + [(32, 32)] * per_epoch
+  assert all(np.isfinite(r["test_loss"]) for r in records)
+
+
+def test_resize_batch_keeps_flat_images_flat_and_the_mean():
+  images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  images[1] = 0.25
+  small = np.asarray(input_pipeline.resize_batch(images, 24))
+  assert small.shape == (2, 24, 24, 3)
+  np.testing.assert_allclose(small[1], 0.25, atol=1e-6)
+  np.testing.assert_allclose(small[0].mean(axis=(0, 1)), images[0].mean(axis=(0, 1)), atol=0.02)
