@@ -66,8 +66,10 @@ def test_auto_picks_fast_on_cpu_and_rejects_unknown():
     ops.resolve("cudnn")
 
 
+# fast.py's network: its one new form (the strided stem) is in VARIANTS, and
+# test_models checks it computes base's function.
 @pytest.mark.parametrize("train", [False, True])
-@pytest.mark.parametrize("name", ["seed", "base", "fast"])
+@pytest.mark.parametrize("name", ["seed", "base"])
 def test_models_same_logits_and_grads_with_either_implementation(name, train):
   config = load_config(name)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
@@ -88,6 +90,10 @@ def test_models_same_logits_and_grads_with_either_implementation(name, train):
   (_, (out_lax, stats_lax)), g_lax = jax.value_and_grad(loss, has_aux=True)(
       variables["params"], canonical)
   np.testing.assert_allclose(out_fast, out_lax, rtol=1e-4, atol=1e-4)
+  assert out_fast.shape == (2, 10)
+  if train:  # The running statistics moved, and equally (below).
+    assert any(not jnp.allclose(a, b) for a, b in zip(jax.tree.leaves(stats_fast),
+                                                       jax.tree.leaves(variables["batch_stats"])))
   # Training mode also updates the BatchNorm running statistics: same values either way.
   for a, b in zip(jax.tree.leaves((g_fast, stats_fast)), jax.tree.leaves((g_lax, stats_lax))):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)

@@ -347,8 +347,8 @@ def test_device_augmentation_backend_trains_reproducibly(tiny_archive, tmp_path)
 
 def test_progressive_resizing_trains_the_first_epochs_small_and_evaluates_full_size(
     tiny_archive, tmp_path, monkeypatch):
-  config = tiny_config(tiny_archive, tmp_path / "tfds", num_epochs=3, plots=False,
-                       progressive_epochs=2, progressive_size=16)
+  config = tiny_config(tiny_archive, tmp_path / "tfds", num_epochs=2, plots=False,
+                       progressive_epochs=1, progressive_size=16)
   seen = []
   step = train.train_step
 
@@ -358,8 +358,8 @@ def test_progressive_resizing_trains_the_first_epochs_small_and_evaluates_full_s
 
   monkeypatch.setattr(train, "train_step", recording_step)
   records = train.train_and_evaluate(config, tmp_path / "work")
-  per_epoch = len(seen) // 3
-  assert seen == [(16, 16)] * 2 * per_epoch + [(32, 32)] * per_epoch
+  per_epoch = len(seen) // 2
+  assert seen == [(16, 16)] * per_epoch + [(32, 32)] * per_epoch
   assert all(np.isfinite(r["test_loss"]) for r in records)
 
 
