@@ -27,7 +27,7 @@ def test_s9net_parameter_count_is_pinned(name):
 
 def test_fast_network_is_the_base_network_with_the_stride_moved_into_the_stem():
   # base.py's stride-2 dilation-2 conv reads only the stem's even pixels; fast.py computes
-  # just those. In inference mode (BatchNorm a per-channel affine) the logits are equal
+  # just those. In inference mode (BatchNorm a per-channel affine) the outputs are equal
   # for the same variables; in training the statistics cover those pixels only.
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
   base = models.create_model(load_config("base").model, conv_impl="lax")

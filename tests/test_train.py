@@ -359,7 +359,7 @@ def test_progressive_resizing_trains_the_first_epochs_small_and_evaluates_full_s
   monkeypatch.setattr(train, "train_step", recording_step)
   records = train.train_and_evaluate(config, tmp_path / "work")
   per_epoch = len(seen) // 2
-  assert seen == [(16, 16)] * per_epoch + [(32, 32)] * per_epoch
+  assert per_epoch > 0 and seen == [(16, 16)] * per_epoch + [(32, 32)] * per_epoch
   assert all(np.isfinite(r["test_loss"]) for r in records)
 
 
