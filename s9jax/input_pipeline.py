@@ -291,13 +291,14 @@ def device_augment(rng, images, aug_config, mean, std):
 
   size = aug_config.image_size
   if (h, w) != (size, size):
-    x = jax.image.resize(x, (n, size, size, c), "bilinear")
+    x = resize_batch(x, size)
   return (x / 255.0 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def resize_batch(images, size: int):
-  """Normalised NHWC images resized to size x size (progressive resizing), antialiased.
-  Linear in the pixels, so resizing after Normalize equals normalising after Resize."""
+  """NHWC images resized to size x size, bilinear and antialiased (the device Resize,
+  and progressive resizing). Linear in the pixels, so resizing normalised images equals
+  normalising resized ones."""
   n, _, _, c = images.shape
   return jax.image.resize(images, (n, size, size, c), "linear", antialias=True)
 

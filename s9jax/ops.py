@@ -156,7 +156,6 @@ def _sum_over_nhw(a, b=None):
   return jnp.sum(_sum(column(q) for q in range(a.shape[2])), axis=(0, 1))
 
 
-
 def _im2col(x, kernel_hw, strides, dilation, pads):
   """The taps side by side on the channel axis: (N, OH, OW, KH*KW*C)."""
   out_hw = _out_hw(x.shape[1:3], kernel_hw, strides, dilation, pads)
