@@ -51,7 +51,7 @@ def evaluate_checkpoint(config, workdir, which: str = "best") -> dict:
   images, labels = input_pipeline.load_split(config.data, "test")
   inputs = input_pipeline.normalize(images, mean, std)
   metrics, predictions = train.evaluate(state, inputs, labels, config.eval_batch_size,
-                                        config.eval_flip, mesh)
+                                        config.eval_flip, mesh, config.eval_translate)
   names = input_pipeline.CLASS_NAMES
   matrix = np.zeros((len(names), len(names)), np.int64)
   np.add.at(matrix, (labels, predictions), 1)

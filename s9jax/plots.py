@@ -32,12 +32,14 @@ def image_grid(path, images, titles, mean, std, columns: int = 8, suptitle: str 
 
 def learning_curves(path, records: list[dict]):
   epochs = [r["epoch"] for r in records]
+  tested = [r for r in records if "test_accuracy" in r]  # See config.eval_every.
+  test_epochs = [r["epoch"] for r in tested]
   fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
   loss_ax.plot(epochs, [r["train_loss"] for r in records], label="train")
-  loss_ax.plot(epochs, [r["test_loss"] for r in records], label="test")
+  loss_ax.plot(test_epochs, [r["test_loss"] for r in tested], marker=".", label="test")
   loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
   acc_ax.plot(epochs, [100 * r["train_accuracy"] for r in records], label="train")
-  acc_ax.plot(epochs, [100 * r["test_accuracy"] for r in records], label="test")
+  acc_ax.plot(test_epochs, [100 * r["test_accuracy"] for r in tested], marker=".", label="test")
   acc_ax.axhline(85.0, color="grey", linestyle=":", linewidth=1, label="85% goal")
   acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
   for ax in (loss_ax, acc_ax):

@@ -155,6 +155,8 @@ def test_cli_trains_resumes_and_eval_restores_the_same_accuracy(tiny_archive, tm
     ({"augment.backend": "gpu"}, "augment.backend must be 'albumentations' or 'jax'"),
     ({"progressive_epochs": 1, "progressive_size": 4}, "progressive_size must be in"),
     ({"progressive_epochs": 2, "progressive_size": 16}, "progressive_epochs must be in"),
+    ({"eval_every": 0}, "eval_every must be >= 1"),
+    ({"eval_translate": 16}, "eval_translate must be in"),
 ])
 def test_invalid_values_are_refused_before_any_work(tiny_archive, tmp_path, override, message):
   config = tiny_config(tiny_archive, tmp_path / "tfds", **override)
@@ -345,9 +347,9 @@ def test_device_augmentation_backend_trains_reproducibly(tiny_archive, tmp_path)
   assert without_timings(train.train_and_evaluate(config, tmp_path / "b")) == without_timings(first)
 
 
-def test_progressive_resizing_trains_the_first_epochs_small_and_evaluates_full_size(
+def test_progressive_resizing_trains_small_then_evaluates_full_size_every_nth_epoch(
     tiny_archive, tmp_path, monkeypatch):
-  config = tiny_config(tiny_archive, tmp_path / "tfds", num_epochs=2, plots=False,
+  config = tiny_config(tiny_archive, tmp_path / "tfds", num_epochs=3, eval_every=2,
                        progressive_epochs=1, progressive_size=16)
   seen = []
   step = train.train_step
@@ -357,10 +359,39 @@ def test_progressive_resizing_trains_the_first_epochs_small_and_evaluates_full_s
     return step(state, batch, *args)
 
   monkeypatch.setattr(train, "train_step", recording_step)
-  records = train.train_and_evaluate(config, tmp_path / "work")
-  per_epoch = len(seen) // 2
-  assert per_epoch > 0 and seen == [(16, 16)] * per_epoch + [(32, 32)] * per_epoch
-  assert all(np.isfinite(r["test_loss"]) for r in records)
+  work = tmp_path / "work"
+  records = train.train_and_evaluate(config, work)
+  per_epoch = len(seen) // 3
+  assert per_epoch > 0 and seen == [(16, 16)] * per_epoch + [(32, 32)] * 2 * per_epoch
+  # Evaluated after epoch 2 (every 2nd) and 3 (the last) only; the best checkpoint is
+  # chosen among those, and the curves plot what there is.
+  assert ["test_accuracy" in r for r in records] == [False, True, True]
+  assert all(np.isfinite(r["test_loss"]) for r in records[1:])
+  manager = train.checkpoint_manager(work, config.checkpoint_keep)
+  assert manager.best_step() in (records[1]["step"], records[2]["step"])
+  manager.close()
+  assert (work / "learning_curves.png").exists()
+
+
+def test_translate_tta_averages_shifted_and_mirrored_logits(tiny_archive, tmp_path):
+  state = tiny_state(tiny_config(tiny_archive, tmp_path))
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(4, 32, 32, 3)).astype(np.float32)
+  labels = rng.integers(0, 10, 4).astype(np.int32)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+  def flip_averaged(x):
+    return (np.asarray(state.apply_fn(variables, x)) + state.apply_fn(variables, x[:, :, ::-1])) / 2
+
+  padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
+  expected = (flip_averaged(images) / 2 + flip_averaged(padded[:, :32, :32]) / 4
+              + flip_averaged(padded[:, 4:, 4:]) / 4)
+  log_probs = expected - np.log(np.exp(expected).sum(-1, keepdims=True))
+  metrics, predictions = train.evaluate(state, images, labels, 4, flip=True, translate=2)
+  np.testing.assert_array_equal(predictions, expected.argmax(-1))
+  assert metrics["test_loss"] == pytest.approx(-log_probs[np.arange(4), labels].mean(), rel=1e-5)
+  plain, _ = train.evaluate(state, images, labels, 4, flip=True)
+  assert plain["test_loss"] != metrics["test_loss"]
 
 
 def test_resize_batch_keeps_flat_images_flat_and_the_mean():
