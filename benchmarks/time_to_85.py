@@ -53,13 +53,13 @@ def main():
     first = next((r for r in records if r.get("test_accuracy", 0) >= TARGET), None)
     passed = receptive_field.analyse_config(config).passed
     rows.append((seed, first, records[-1], wall, passed))
-    outside_epochs = wall - records[-1]["elapsed_seconds"]
     if not first:
       to85 = "not reached"
     elif resumed:  # Earlier processes' startup is unknown: epochs only.
       to85 = (f"epoch {first['epoch']} after {first['elapsed_seconds'] / 60:.1f} min of epochs "
               "(resumed run: no wall time)")
-    else:
+    else:  # Plus what this process did outside the epochs (loading, compiling, plots).
+      outside_epochs = wall - records[-1]["elapsed_seconds"]
       to85 = (f"epoch {first['epoch']} at {(first['elapsed_seconds'] + outside_epochs) / 60:.1f} "
               f"min wall ({first['elapsed_seconds'] / 60:.1f} min of epochs)")
     print(f"seed {seed}: >=85% {to85}; final {100 * records[-1]['test_accuracy']:.2f}% after "

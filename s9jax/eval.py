@@ -50,8 +50,7 @@ def evaluate_checkpoint(config, workdir, which: str = "best") -> dict:
   mean, std = np.asarray(meta["mean"]), np.asarray(meta["std"])
   images, labels = input_pipeline.load_split(config.data, "test")
   inputs = input_pipeline.normalize(images, mean, std)
-  metrics, predictions = train.evaluate(state, inputs, labels, config.eval_batch_size,
-                                        config.eval_flip, mesh, config.eval_translate)
+  metrics, predictions = train.evaluate_test_set(config, state, inputs, labels, mesh)
   names = input_pipeline.CLASS_NAMES
   matrix = np.zeros((len(names), len(names)), np.int64)
   np.add.at(matrix, (labels, predictions), 1)

@@ -197,6 +197,12 @@ def evaluate(state, images, labels, batch_size: int, flip: bool, mesh=None,
           "test_accuracy": int(totals["correct"]) / count}, np.concatenate(predictions)
 
 
+def evaluate_test_set(config, state, images, labels, mesh=None):
+  """`evaluate` as the config asks: its eval batch size and test-time augmentations."""
+  return evaluate(state, images, labels, config.eval_batch_size, config.eval_flip, mesh,
+                  config.eval_translate)
+
+
 # ------------------------------------------------------------------ checkpoints, files
 
 def checkpoint_manager(workdir, keep: int) -> ocp.CheckpointManager:
@@ -486,9 +492,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
                      for k in ("loss", "accuracy")}
     test_metrics = {}
     if epoch % config.eval_every == 0 or epoch == config.num_epochs:
-      test_metrics, predictions = evaluate(state, test_inputs, test_labels,
-                                           config.eval_batch_size, config.eval_flip, mesh,
-                                           config.eval_translate)
+      test_metrics, predictions = evaluate_test_set(config, state, test_inputs, test_labels,
+                                                    mesh)
     seconds = time.time() - started
     elapsed += seconds
     record = {"epoch": epoch, "step": int(state.step),
@@ -515,8 +520,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
 
   if make_plots and records:
     if start_epoch >= config.num_epochs:  # Nothing trained in this process.
-      _, predictions = evaluate(state, test_inputs, test_labels, config.eval_batch_size,
-                                config.eval_flip, mesh, config.eval_translate)
+      _, predictions = evaluate_test_set(config, state, test_inputs, test_labels, mesh)
     wrong = np.flatnonzero(predictions != test_labels)[:32]
     names = input_pipeline.CLASS_NAMES
     plots.image_grid(workdir / "misclassified.png", test_inputs[wrong],
