@@ -39,6 +39,7 @@ class BatchNorm(nn.Module):
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
+  use_native: bool = False  # The C++ per-channel sums (ops.resolve's 'native').
 
   @nn.compact
   def __call__(self, x):
@@ -51,7 +52,7 @@ class BatchNorm(nn.Module):
       y = ((x.astype(jnp.float32) - ra_mean.value)
            * (lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias)
       return y.astype(self.dtype)
-    y, mean, var = ops.batch_norm_train(x, scale, bias, self.epsilon)
+    y, mean, var = ops.batch_norm_train(x, scale, bias, self.epsilon, self.use_native)
     if not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
@@ -60,9 +61,12 @@ class BatchNorm(nn.Module):
 
 def norm_factory(conv_impl: str, dtype=jnp.float32):
   """BatchNorm (momentum 0.9, epsilon 1e-5): Flax's own with the canonical 'lax' ops,
-  the CPU-fast one with the 'fast' ones."""
-  cls = BatchNorm if ops.resolve(conv_impl) == "fast" else nn.BatchNorm
-  return functools.partial(cls, momentum=0.9, epsilon=1e-5, dtype=dtype)
+  the CPU-fast one with the 'fast' and 'native' ones."""
+  impl = ops.resolve(conv_impl)
+  if impl == "lax":
+    return functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5, dtype=dtype)
+  return functools.partial(BatchNorm, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                           use_native=impl == "native")
 
 
 class SeparableConv(nn.Module):

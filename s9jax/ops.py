@@ -17,6 +17,9 @@ images/s (batch 256, 2 cores).
 
 Only NHWC/HWIO layouts with zero padding and no input dilation take a fast path;
 anything else falls through to lax, so the fast function is always safe to plug in.
+
+'native' goes further where XLA's fusions stop: depthwise convs and BatchNorm's sums as
+C++ kernels (native.py), same maths again, for ~1.2x on the whole step.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLEMENTATIONS = ("lax", "fast", "auto")
+from s9jax import native
+
+IMPLEMENTATIONS = ("lax", "fast", "native", "auto")
 
 # Compiler options for the jitted steps. XLA:CPU hands dots and reductions to YNNPACK by
 # default; its reductions cannot read a strided slice or fuse their producer, so every
@@ -113,22 +118,28 @@ def _tap_to_input(cotangent, tap, in_hw, strides, dilation, pads):
 # the textbook transposes, written so that each gradient is one fused pass.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _depthwise(x, w, strides, dilation, pads):
-  """Depthwise conv, NHWC x, HWIO w with I == 1 and O == C: one multiply-add per tap."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _depthwise(x, w, strides, dilation, pads, use_native=False):
+  """Depthwise conv, NHWC x, HWIO w with I == 1 and O == C: one multiply-add per tap
+  (or one C++ kernel, native.py)."""
   kernel_hw = w.shape[:2]
   out_hw = _out_hw(x.shape[1:3], kernel_hw, strides, dilation, pads)
+  if use_native:
+    return native.depthwise_forward(x, w[:, :, 0, :], out_hw, strides, dilation, pads)
   return _sum(view * w[i, j, 0, :] for (i, j), view
               in _tap_views(_pad_input(x, pads), kernel_hw, strides, dilation, out_hw))
 
 
-def _depthwise_fwd(x, w, strides, dilation, pads):
-  return _depthwise(x, w, strides, dilation, pads), (x, w)
+def _depthwise_fwd(x, w, strides, dilation, pads, use_native):
+  return _depthwise(x, w, strides, dilation, pads, use_native), (x, w)
 
 
-def _depthwise_bwd(strides, dilation, pads, residuals, dy):
+def _depthwise_bwd(strides, dilation, pads, use_native, residuals, dy):
   x, w = residuals
   kernel_hw, in_hw = w.shape[:2], x.shape[1:3]
+  if use_native:
+    dx, dw = native.depthwise_backward(x, w[:, :, 0, :], dy, strides, dilation, pads)
+    return dx, dw.reshape(w.shape)
   dx = _sum(_tap_to_input(dy * w[i, j, 0, :], (i, j), in_hw, strides, dilation, pads)
             for i in range(kernel_hw[0]) for j in range(kernel_hw[1]))
   taps = [_sum_over_nhw(view, dy) for _, view
@@ -199,38 +210,49 @@ def _dense_bwd(strides, dilation, pads, residuals, dy):
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_train(x, scale, bias, epsilon: float):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x, scale, bias, epsilon: float, use_native: bool = False):
   """Training-mode BatchNorm over N, H, W of NHWC `x`: returns (y, mean, var), with the
   batch statistics in float32 and y in x's dtype. The same maths as `nn.BatchNorm`
   (biased variance as E[x^2] - E[x]^2, clipped at 0), with every reduction, forward and
-  backward, done by `_sum_over_nhw`: XLA's own reductions cost ~45 ms of a ~250 ms s9net
-  step here. `mean` and `var` are for the running averages only: no gradient flows
-  through them (their cotangents are ignored)."""
-  return _batch_norm_fwd(x, scale, bias, epsilon)[0]
+  backward, done by `_sum_over_nhw` (or, with `use_native` and float32 `x`, one C++ pass
+  each): XLA's own reductions cost ~45 ms of a ~250 ms s9net step here. `mean` and `var`
+  are for the running averages only: no gradient flows through them (their cotangents
+  are ignored)."""
+  return _batch_norm_fwd(x, scale, bias, epsilon, use_native)[0]
 
 
 def _pixels(x):
   return x.shape[0] * x.shape[1] * x.shape[2]
 
 
-def _batch_norm_fwd(x, scale, bias, epsilon):
+def _batch_norm_fwd(x, scale, bias, epsilon, use_native):
   count = _pixels(x)
-  mean = _sum_over_nhw(x) / count
-  var = jnp.maximum(_sum_over_nhw(x, x) / count - mean * mean, 0.0)
+  if use_native and x.dtype == jnp.float32:
+    total, squares = native.channel_sums(x, x)
+    mean = total / count
+    var = jnp.maximum(squares / count - mean * mean, 0.0)
+  else:
+    mean = _sum_over_nhw(x) / count
+    var = jnp.maximum(_sum_over_nhw(x, x) / count - mean * mean, 0.0)
   inv = lax.rsqrt(var + epsilon)
   y = ((x.astype(jnp.float32) - mean) * (inv * scale) + bias).astype(x.dtype)
   return (y, mean, var), (x, mean, inv, scale)
 
 
-def _batch_norm_bwd(epsilon, residuals, cotangents):
+def _batch_norm_bwd(epsilon, use_native, residuals, cotangents):
   del epsilon
   x, mean, inv, scale = residuals
   dy = cotangents[0]
   count = _pixels(x)
   x_hat = (x.astype(jnp.float32) - mean) * inv
-  dbias = _sum_over_nhw(dy)
-  dscale = _sum_over_nhw(dy, x_hat)
+  if use_native and x.dtype == jnp.float32:
+    # The mean is subtracted inside the sum, as in x_hat, so nothing cancels.
+    dbias, centred = native.channel_sums(x, dy, mean)
+    dscale = centred * inv
+  else:
+    dbias = _sum_over_nhw(dy)
+    dscale = _sum_over_nhw(dy, x_hat)
   # d/dx of (x - mean) * inv with mean and inv functions of the batch: the textbook form.
   dx = (scale * inv) * (dy.astype(jnp.float32) - (dbias + x_hat * dscale) / count)
   return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
@@ -243,8 +265,9 @@ def fast_conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
                               lhs_dilation=None, rhs_dilation=None,
                               dimension_numbers=None, feature_group_count: int = 1,
                               batch_group_count: int = 1, precision=None,
-                              preferred_element_type=None):
-  """Drop-in for `lax.conv_general_dilated` that is fast on XLA:CPU for the S9 ops."""
+                              preferred_element_type=None, use_native: bool = False):
+  """Drop-in for `lax.conv_general_dilated` that is fast on XLA:CPU for the S9 ops;
+  `use_native` computes depthwise convs with the C++ kernels (native.py)."""
   strides = tuple(window_strides)
   dilation = tuple(rhs_dilation or (1,) * len(strides))
   canonical = functools.partial(
@@ -262,21 +285,35 @@ def fast_conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
   if any(p < 0 for pair in pads for p in pair):
     return canonical()
   if feature_group_count == cin and cin_per_group == 1 and cout == cin:
-    return _depthwise(lhs, rhs, strides, dilation, pads)
+    # The C++ kernels take float32 only; other dtypes keep the XLA forms.
+    use_native = (use_native and kh * kw <= native.MAX_TAPS
+                  and lhs.dtype == rhs.dtype == jnp.float32)
+    return _depthwise(lhs, rhs, strides, dilation, pads, use_native)
   if feature_group_count == 1:
     return _dense(lhs, rhs, strides, dilation, pads)
   return canonical()
 
 
 def resolve(impl: str) -> str:
-  """'auto' means the fast forms on CPU and XLA's own convolutions on GPU/TPU."""
+  """'auto' means XLA's own convolutions on GPU/TPU; on CPU the C++ kernels where they
+  build and the run has one device (the kernels see whole arrays: on a mesh, XLA would
+  gather each sharded batch to call them), else the fast XLA forms."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"conv implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
+  on_cpu = jax.default_backend() == "cpu"
   if impl == "auto":
-    return "fast" if jax.default_backend() == "cpu" else "lax"
+    if not on_cpu:
+      return "lax"
+    return "native" if jax.device_count() == 1 and native.available() else "fast"
+  if impl == "native" and not (on_cpu and native.available()):
+    raise ValueError("conv implementation 'native' needs the CPU backend and the C++ kernels, "
+                     f"which are unavailable here: {native.unavailable_reason()}")
   return impl
 
 
 def conv_function(impl: str):
   """The function to pass as `nn.Conv(conv_general_dilated=...)`."""
-  return fast_conv_general_dilated if resolve(impl) == "fast" else lax.conv_general_dilated
+  impl = resolve(impl)
+  if impl == "lax":
+    return lax.conv_general_dilated
+  return functools.partial(fast_conv_general_dilated, use_native=impl == "native")

@@ -1,5 +1,9 @@
-"""Every fast convolution the models use equals lax.conv_general_dilated, outputs and
-gradients, and whole models give the same logits with either implementation."""
+"""Every fast convolution the models use, in its XLA form ('fast') and with the C++
+kernels ('native'), equals lax.conv_general_dilated, outputs and gradients, and whole
+models give the same logits with each implementation."""
+
+import functools
+import shutil
 
 import flax.linen as nn
 import jax
@@ -8,8 +12,21 @@ import numpy as np
 import pytest
 from jax import lax
 
-from s9jax import models, ops
+from s9jax import models, native, ops
 from tests.conftest import load_config
+
+IMPLS = ["fast", "native"]
+
+
+@pytest.fixture(autouse=True)
+def native_kernels(request):
+  """Tests of the 'native' implementation need the kernels built: a machine with a C++
+  compiler that fails to build them fails the test; one without a compiler skips it."""
+  if "native" in request.node.name:
+    if not native.available():
+      if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip(f"no C++ compiler: {native.unavailable_reason()}")
+      pytest.fail(f"the C++ kernels did not build: {native.unavailable_reason()}")
 
 DN = ("NHWC", "HWIO", "NHWC")
 # (kernel, in, out, groups, stride, dilation, padding): every form in seed and s9net.
@@ -29,8 +46,9 @@ VARIANTS = [
 ]
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kernel,cin,cout,groups,stride,dilation,padding", VARIANTS)
-def test_fast_conv_matches_lax(kernel, cin, cout, groups, stride, dilation, padding):
+def test_fast_conv_matches_lax(kernel, cin, cout, groups, stride, dilation, padding, impl):
   kx, kw = jax.random.split(jax.random.PRNGKey(kernel * 100 + stride * 10 + dilation))
   x = jax.random.normal(kx, (2, 11, 9, cin))  # Odd, non-square: no lucky alignment.
   w = jax.random.normal(kw, (kernel, kernel, cin // groups, cout))
@@ -44,7 +62,8 @@ def test_fast_conv_matches_lax(kernel, cin, cout, groups, stride, dilation, padd
     return y, grads
 
   y_lax, (gx_lax, gw_lax) = run(lax.conv_general_dilated)
-  y_fast, (gx_fast, gw_fast) = run(ops.fast_conv_general_dilated)
+  y_fast, (gx_fast, gw_fast) = run(functools.partial(ops.fast_conv_general_dilated,
+                                                     use_native=impl == "native"))
   assert y_fast.shape == y_lax.shape
   np.testing.assert_allclose(y_fast, y_lax, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(gx_fast, gx_lax, rtol=1e-4, atol=1e-3)
@@ -60,21 +79,54 @@ def test_unsupported_layouts_fall_back_to_lax():
       lax.conv_general_dilated(x, w, (1, 1), "SAME", None, None, dn))
 
 
-def test_auto_picks_fast_on_cpu_and_rejects_unknown():
-  assert ops.resolve("auto") == ("fast" if jax.default_backend() == "cpu" else "lax")
+def test_native_depthwise_on_wide_odd_channels_matches_lax():
+  # VARIANTS use 8 channels (one 8-wide block); the kernels split channels into blocks
+  # of 16, 8 and 1: 16 + 8 + 1 here, the seed network's 70 and 100 are 4x16 + 6 and 6x16 + 4.
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 9, 10, 25))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 1, 25))
+  for stride, dilation, pad in [(1, 1, 2), (2, 2, 2), (2, 1, 1)]:
+    def f(fn, x, w):
+      return fn(x, w, (stride, stride), ((pad, pad), (pad, pad)), None, (dilation, dilation),
+                DN, 25)
+    native_conv = functools.partial(ops.fast_conv_general_dilated, use_native=True)
+    y_lax, vjp_lax = jax.vjp(functools.partial(f, lax.conv_general_dilated), x, w)
+    y_native, vjp_native = jax.vjp(functools.partial(f, native_conv), x, w)
+    np.testing.assert_allclose(y_native, y_lax, rtol=1e-4, atol=1e-4)
+    dy = jax.random.normal(jax.random.PRNGKey(2), y_lax.shape)
+    for got, want in zip(vjp_native(dy), vjp_lax(dy)):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
+def test_auto_picks_native_on_one_cpu_device_and_rejects_unknown(monkeypatch):
+  if jax.default_backend() == "cpu" and jax.device_count() == 1:
+    assert ops.resolve("auto") == ("native" if native.available() else "fast")
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert ops.resolve("auto") == "fast"
+    with pytest.raises(ValueError, match="'native' needs"):
+      ops.resolve("native")
+  else:
+    assert ops.resolve("auto") == ("fast" if jax.default_backend() == "cpu" else "lax")
   with pytest.raises(ValueError, match="conv implementation"):
     ops.resolve("cudnn")
+
+
+def test_failed_native_build_says_why(monkeypatch, tmp_path):
+  monkeypatch.setenv("S9JAX_CACHE", str(tmp_path))
+  monkeypatch.setenv("CXX", shutil.which("false") or "false")
+  with pytest.raises(RuntimeError, match="failed on kernels.cc"):
+    native.build()
+  assert not list(tmp_path.iterdir())  # No half-written library left behind.
 
 
 # fast.py's network: its one new form (the strided stem) is in VARIANTS, and
 # test_models checks it computes base's function. Training mode only: the convolutions
 # are the same code in both modes, and inference-mode BatchNorm is compared with
 # nn.BatchNorm below (the inference-mode cases took ~70 s of the suite's 10 minutes).
-@pytest.mark.parametrize("name", ["seed", "base"])
-def test_models_same_logits_and_grads_with_either_implementation(name):
+@pytest.mark.parametrize("name,impl", [("seed", "native"), ("base", "native"), ("base", "fast")])
+def test_models_same_logits_and_grads_with_each_implementation(name, impl):
   config = load_config(name)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-  fast = models.create_model(config.model, conv_impl="fast")
+  fast = models.create_model(config.model, conv_impl=impl)
   canonical = models.create_model(config.model, conv_impl="lax")
   variables = canonical.init({"params": jax.random.PRNGKey(1)}, x, train=False)
   # Same parameter tree: a checkpoint trained with one runs with the other.
@@ -99,8 +151,9 @@ def test_models_same_logits_and_grads_with_either_implementation(name):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("train", [True, False])
-def test_fast_batch_norm_matches_flax(train):
+def test_fast_batch_norm_matches_flax(train, impl):
   x = 3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(0), (4, 5, 7, 6))  # Off-centre.
   flax_bn = nn.BatchNorm(momentum=0.9, epsilon=1e-5)
   fast_bn = models.BatchNorm(momentum=0.9, epsilon=1e-5)
@@ -119,7 +172,8 @@ def test_fast_batch_norm_matches_flax(train):
     return y, stats, grads
 
   y_flax, stats_flax, g_flax = run(flax_bn, use_running_average=not train)
-  y_fast, stats_fast, g_fast = run(models.BatchNorm(use_running_average=not train))
+  y_fast, stats_fast, g_fast = run(models.BatchNorm(use_running_average=not train,
+                                                    use_native=impl == "native"))
   np.testing.assert_allclose(y_fast, y_flax, rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves((stats_fast, g_fast)), jax.tree.leaves((stats_flax, g_flax))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

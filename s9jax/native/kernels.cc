@@ -1,0 +1,327 @@
+// CPU kernels for the S9 ops that XLA:CPU runs as many small memory-bound passes:
+// depthwise convolution (forward; backward: input and kernel gradients together) and
+// BatchNorm's per-channel sums. Called from s9jax/native.py through jax.ffi; float32
+// NHWC only; tests/test_ops.py checks them against lax.conv_general_dilated.
+//
+// Each kernel makes one pass over its operands, image by image, with the channel axis
+// innermost in vector registers, the conv's zero padding, stride and dilation handled by
+// index arithmetic instead of padded or sliced copies, and images split between XLA's
+// intra-op threads. On the 2-core dev machine memory traffic, not arithmetic, is what
+// these ops cost, so the backward reads each image's output gradient once for both
+// gradients, while it is in cache.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Runs body(chunk) for chunk in [0, chunks) on the caller and XLA's pool. The caller
+// claims chunks too and only waits for chunks already running, so it never waits on a
+// task the pool has not started (no deadlock when every pool thread is busy); the state
+// is shared so a task that starts after the call returned finds no chunk left.
+void ParallelFor(ffi::ThreadPool& pool, int64_t chunks,
+                 const std::function<void(int64_t)>& body) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    int64_t chunks;
+    const std::function<void(int64_t)>* body;
+  };
+  auto state = std::make_shared<State>();
+  state->chunks = chunks;
+  state->body = &body;
+  auto work = [state] {
+    for (int64_t i; (i = state->next.fetch_add(1)) < state->chunks;) {
+      (*state->body)(i);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  while (state->done.load(std::memory_order_acquire) < chunks) {
+    __builtin_ia32_pause();
+  }
+}
+
+int64_t NumChunks(ffi::ThreadPool& pool, int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>(n, std::max<int64_t>(pool.num_threads(), 1)));
+}
+
+// Geometry of a depthwise conv: NHWC input (n, h, w, c), kernel (kh, kw, c), output
+// (n, oh, ow, c); output pixel (p, q) tap (i, j) reads input (p*sh - ph + i*dh, ...).
+struct Geometry {
+  int64_t n, h, w, c, kh, kw, oh, ow, sh, sw, dh, dw, ph, pw;
+
+  // Input row read by output row p through kernel row i, or -1 in the padding.
+  int64_t InRow(int64_t p, int64_t i) const {
+    int64_t r = p * sh - ph + i * dh;
+    return r >= 0 && r < h ? r : -1;
+  }
+  int64_t InCol(int64_t q, int64_t j) const {
+    int64_t r = q * sw - pw + j * dw;
+    return r >= 0 && r < w ? r : -1;
+  }
+  // Output row that reads input row r through kernel row i, or -1 if none does.
+  int64_t OutRow(int64_t r, int64_t i) const {
+    const int64_t t = r + ph - i * dh;
+    return t >= 0 && t % sh == 0 && t / sh < oh ? t / sh : -1;
+  }
+  int64_t OutCol(int64_t s, int64_t j) const {
+    const int64_t t = s + pw - j * dw;
+    return t >= 0 && t % sw == 0 && t / sw < ow ? t / sw : -1;
+  }
+};
+
+Geometry MakeGeometry(ffi::Buffer<ffi::F32>& x, int64_t kh, int64_t kw, int64_t oh,
+                      int64_t ow, int64_t sh, int64_t sw, int64_t dh, int64_t dw,
+                      int64_t ph, int64_t pw) {
+  auto d = x.dimensions();
+  return Geometry{d[0], d[1], d[2], d[3], kh, kw, oh, ow, sh, sw, dh, dw, ph, pw};
+}
+
+// Vectors of B floats (GCC/Clang vector extensions), loaded and stored unaligned.
+template <int B>
+struct Vec {
+  typedef float type __attribute__((vector_size(B * sizeof(float)), aligned(sizeof(float))));
+};
+template <int B>
+inline typename Vec<B>::type Load(const float* p) {
+  return *reinterpret_cast<const typename Vec<B>::type*>(p);
+}
+template <int B>
+inline void Store(float* p, typename Vec<B>::type v) {
+  *reinterpret_cast<typename Vec<B>::type*>(p) = v;
+}
+
+// Calls f(integral_constant<B>, c0) for channel blocks [c0, c0 + B) covering [0, c):
+// blocks of 16 and 8 whose accumulators stay in vector registers across a pixel's taps,
+// then single channels.
+template <typename F>
+inline void ForChannelBlocks(int64_t c, F&& f) {
+  int64_t c0 = 0;
+  for (; c0 + 16 <= c; c0 += 16) f(std::integral_constant<int, 16>(), c0);
+  for (; c0 + 8 <= c; c0 += 8) f(std::integral_constant<int, 8>(), c0);
+  for (; c0 < c; ++c0) f(std::integral_constant<int, 1>(), c0);
+}
+
+constexpr int64_t kMaxTaps = 16;  // kh * kw, checked in native.py.
+
+// The taps that reach one pixel: offsets (in floats) into the image read and into the
+// (kh, kw, c) kernel.
+struct Taps {
+  int64_t count = 0;
+  int64_t image[kMaxTaps];
+  int64_t kernel[kMaxTaps];
+  void Add(int64_t image_offset, int64_t kernel_offset) {
+    image[count] = image_offset;
+    kernel[count++] = kernel_offset;
+  }
+};
+
+// out[pixel] = sum over its taps of image[tap] * kernel[tap], for every channel.
+inline void DotTaps(const Taps& taps, const float* __restrict image,
+                    const float* __restrict kernel, float* __restrict out, int64_t c) {
+  ForChannelBlocks(c, [&](auto block, int64_t c0) {
+    constexpr int B = decltype(block)::value;
+    typename Vec<B>::type acc = {};
+    for (int64_t t = 0; t < taps.count; ++t)
+      acc += Load<B>(image + taps.image[t] + c0) * Load<B>(kernel + taps.kernel[t] + c0);
+    Store<B>(out + c0, acc);
+  });
+}
+
+// dst[u, v] = sum over kernel taps (i, j) of src[row(u, i), col(v, j)] * w[i, j], skipping
+// taps where row or col is -1: one image's forward (dst = y, src = x, row = InRow) and,
+// gathered per input pixel, its input gradient (dst = dx, src = dy, row = OutRow).
+template <typename Row, typename Col>
+void GatherTaps(const Geometry& g, int64_t rows, int64_t cols, int64_t src_cols, Row row,
+                Col col, const float* src, const float* w, float* dst) {
+  for (int64_t u = 0; u < rows; ++u) {
+    for (int64_t v = 0; v < cols; ++v) {
+      Taps taps;
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t r = row(u, i);
+        if (r < 0) continue;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const int64_t s = col(v, j);
+          if (s >= 0) taps.Add((r * src_cols + s) * g.c, (i * g.kw + j) * g.c);
+        }
+      }
+      DotTaps(taps, src, w, dst + (u * cols + v) * g.c, g.c);
+    }
+  }
+}
+
+void ImageForward(const Geometry& g, const float* x, const float* w, float* y) {
+  GatherTaps(g, g.oh, g.ow, g.w, [&](int64_t p, int64_t i) { return g.InRow(p, i); },
+             [&](int64_t q, int64_t j) { return g.InCol(q, j); }, x, w, y);
+}
+
+void ImageInputGrad(const Geometry& g, const float* dy, const float* w, float* dx) {
+  GatherTaps(g, g.h, g.w, g.ow, [&](int64_t r, int64_t i) { return g.OutRow(r, i); },
+             [&](int64_t s, int64_t j) { return g.OutCol(s, j); }, dy, w, dx);
+}
+
+// Adds one image's kernel gradient, sum over p, q of x[in(p, i), in(q, j)] * dy[p, q],
+// to total (kh, kw, c): summed in float32 within the image, added in float64.
+void ImageKernelGrad(const Geometry& g, const float* x, const float* dy, double* total) {
+  ForChannelBlocks(g.c, [&](auto block, int64_t c0) {
+    constexpr int B = decltype(block)::value;
+    typename Vec<B>::type acc[kMaxTaps] = {};
+    for (int64_t p = 0; p < g.oh; ++p) {
+      for (int64_t q = 0; q < g.ow; ++q) {
+        const typename Vec<B>::type d = Load<B>(dy + (p * g.ow + q) * g.c + c0);
+        for (int64_t i = 0; i < g.kh; ++i) {
+          const int64_t r = g.InRow(p, i);
+          if (r < 0) continue;
+          for (int64_t j = 0; j < g.kw; ++j) {
+            const int64_t s = g.InCol(q, j);
+            if (s >= 0) acc[i * g.kw + j] += Load<B>(x + (r * g.w + s) * g.c + c0) * d;
+          }
+        }
+      }
+    }
+    for (int64_t t = 0; t < g.kh * g.kw; ++t)
+      for (int k = 0; k < B; ++k) total[t * g.c + c0 + k] += acc[t][k];
+  });
+}
+
+// Images [begin, end) of chunk `chunk` out of `chunks`.
+inline int64_t ChunkStart(int64_t n, int64_t chunk, int64_t chunks) {
+  return n * chunk / chunks;
+}
+
+ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
+                            int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph,
+                            int64_t pw) {
+  auto kd = kernel.dimensions();
+  auto yd = y->dimensions();
+  const Geometry g = MakeGeometry(x, kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
+  const int64_t chunks = NumChunks(pool, g.n);
+  ParallelFor(pool, chunks, [&](int64_t chunk) {
+    for (int64_t n = ChunkStart(g.n, chunk, chunks); n < ChunkStart(g.n, chunk + 1, chunks);
+         ++n) {
+      ImageForward(g, x.typed_data() + n * g.h * g.w * g.c, kernel.typed_data(),
+                   y->typed_data() + n * g.oh * g.ow * g.c);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// Both gradients of the depthwise conv, image by image.
+ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> dy,
+                             ffi::ResultBuffer<ffi::F32> dx,
+                             ffi::ResultBuffer<ffi::F32> dkernel, int64_t sh, int64_t sw,
+                             int64_t dh, int64_t dw, int64_t ph, int64_t pw) {
+  auto kd = kernel.dimensions();
+  auto yd = dy.dimensions();
+  const Geometry g = MakeGeometry(x, kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
+  const int64_t size = g.kh * g.kw * g.c;
+  const int64_t chunks = NumChunks(pool, g.n);
+  std::vector<double> partial(chunks * size, 0.0);
+  ParallelFor(pool, chunks, [&](int64_t chunk) {
+    for (int64_t n = ChunkStart(g.n, chunk, chunks); n < ChunkStart(g.n, chunk + 1, chunks);
+         ++n) {
+      const float* grad = dy.typed_data() + n * g.oh * g.ow * g.c;
+      ImageInputGrad(g, grad, kernel.typed_data(), dx->typed_data() + n * g.h * g.w * g.c);
+      ImageKernelGrad(g, x.typed_data() + n * g.h * g.w * g.c, grad,
+                      partial.data() + chunk * size);
+    }
+  });
+  float* out = dkernel->typed_data();
+  for (int64_t k = 0; k < size; ++k) {
+    double s = 0.0;
+    for (int64_t t = 0; t < chunks; ++t) s += partial[t * size + k];
+    out[k] = static_cast<float>(s);
+  }
+  return ffi::Error::Success();
+}
+
+// out[0] = sum over n, h, w of b; out[1] = sum of (a - shift) * b (per channel):
+// BatchNorm's statistics (a = b = x, shift 0) and its gradient sums (a = x, b = dy,
+// shift = the batch mean) in one pass. Each image row's sum is float32, rows are added
+// in float64.
+ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
+                       ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> shift,
+                       ffi::ResultBuffer<ffi::F32> out) {
+  auto d = a.dimensions();
+  const int64_t rows = d[0] * d[1], w = d[2], c = d[3];
+  const float* as = a.typed_data();
+  const float* bs = b.typed_data();
+  const float* __restrict shifts = shift.typed_data();
+  const int64_t chunks = NumChunks(pool, rows);
+  std::vector<double> partial(chunks * 2 * c, 0.0);
+  ParallelFor(pool, chunks, [&](int64_t chunk) {
+    std::vector<float> sum_b(c), sum_ab(c);
+    double* total = partial.data() + chunk * 2 * c;
+    for (int64_t r = ChunkStart(rows, chunk, chunks); r < ChunkStart(rows, chunk + 1, chunks);
+         ++r) {
+      std::fill(sum_b.begin(), sum_b.end(), 0.0f);
+      std::fill(sum_ab.begin(), sum_ab.end(), 0.0f);
+      for (int64_t q = 0; q < w; ++q) {
+        const float* __restrict ap = as + (r * w + q) * c;
+        const float* __restrict bp = bs + (r * w + q) * c;
+        for (int64_t k = 0; k < c; ++k) {
+          sum_b[k] += bp[k];
+          sum_ab[k] += (ap[k] - shifts[k]) * bp[k];
+        }
+      }
+      for (int64_t k = 0; k < c; ++k) {
+        total[k] += sum_b[k];
+        total[c + k] += sum_ab[k];
+      }
+    }
+  });
+  float* o = out->typed_data();
+  for (int64_t k = 0; k < 2 * c; ++k) {
+    double s = 0.0;
+    for (int64_t t = 0; t < chunks; ++t) s += partial[t * 2 * c + k];
+    o[k] = static_cast<float>(s);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define S9_CONV_ATTRS                                                                 \
+  .Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("dh").Attr<int64_t>("dw") \
+      .Attr<int64_t>("ph").Attr<int64_t>("pw")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(S9DepthwiseForward, DepthwiseForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // kernel (kh, kw, c)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  S9_CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(S9DepthwiseBackward, DepthwiseBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dkernel
+                                  S9_CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(S9ChannelSums, ChannelSums,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // a
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift (c,)
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // (2, c)
