@@ -2,9 +2,11 @@
 eager (channels_last, CPU), measured side by side in one process, for each network
 (base.py's, fast.py's: the same with the stride in the stem, and the seed network).
 
-    pip install -e ".[bench]" && python benchmarks/train_step.py [--steps 20] [--batch 256] [--repeats 2]
+    pip install -e ".[bench]" && python benchmarks/train_step.py [--steps 20] [--batch N] [--repeats 2]
 
-Prints one line per network:  network  params  s9jax img/s  torch img/s  ratio
+Prints one line per network:  network  params  batch  s9jax img/s  torch img/s  ratio
+Each network at its config's training batch size unless --batch is given; s9jax with the
+config's `model.conv_impl` ('auto': the C++ kernels on one CPU device).
 Both sides run the same maths: same layer shapes, BatchNorm in training mode, dropout
 where the config has it, softmax cross-entropy, SGD with momentum.
 """
@@ -122,28 +124,29 @@ def torch_images_per_second(config, batch: int, steps: int) -> tuple[float, int]
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=20)
-  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--batch", type=int, help="default: each config's batch_size")
   parser.add_argument("--configs", nargs="+", default=["base", "fast", "seed"])
   parser.add_argument("--repeats", type=int, default=2,
                       help="alternate s9jax and torch this many times; report each one's best")
   args = parser.parse_args()
   import torch
   print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), batch {args.batch}, {args.steps} timed steps, "
-        f"best of {args.repeats}")
-  print(f"{'network':8s} {'params':>8s} {'s9jax img/s':>12s} {'torch img/s':>12s} {'ratio':>6s}")
+        f"({torch.get_num_threads()} threads), {args.steps} timed steps, best of {args.repeats}")
+  print(f"{'network':8s} {'params':>8s} {'batch':>5s} {'s9jax img/s':>12s} {'torch img/s':>12s} "
+        f"{'ratio':>6s}")
   for name in args.configs:
     config = importlib.import_module(f"configs.{name}").get_config()
+    batch = args.batch or config.batch_size
     # Alternated and best-of: measured once each, a network timed second in the process
     # ran up to 17% slower (base: 1,128 then 938 img/s), so no single run is trusted.
     jax_runs, torch_runs = [], []
     for _ in range(args.repeats):
-      jax_runs.append(jax_images_per_second(config, args.batch, args.steps))
-      torch_runs.append(torch_images_per_second(config, args.batch, args.steps))
+      jax_runs.append(jax_images_per_second(config, batch, args.steps))
+      torch_runs.append(torch_images_per_second(config, batch, args.steps))
     (jax_ips, jax_params), (torch_ips, torch_params) = max(jax_runs), max(torch_runs)
     assert jax_params == torch_params, f"{name}: jax {jax_params} vs torch {torch_params} params"
-    print(f"{name:8s} {jax_params:8,d} {jax_ips:12.1f} {torch_ips:12.1f} {jax_ips / torch_ips:6.2f}",
-          flush=True)
+    print(f"{name:8s} {jax_params:8,d} {batch:5d} {jax_ips:12.1f} {torch_ips:12.1f} "
+          f"{jax_ips / torch_ips:6.2f}", flush=True)
 
 
 if __name__ == "__main__":
