@@ -197,7 +197,7 @@ void ImageKernelGrad(const Geometry& g, const float* x, const float* dy, double*
   });
 }
 
-// Images [begin, end) of chunk `chunk` out of `chunks`.
+// The first image (or row) of chunk `chunk` of `chunks`, n split evenly.
 inline int64_t ChunkStart(int64_t n, int64_t chunk, int64_t chunks) {
   return n * chunk / chunks;
 }
