@@ -29,8 +29,8 @@ namespace {
 // claims chunks too and only waits for chunks already running, so it never waits on a
 // task the pool has not started (no deadlock when every pool thread is busy); the state
 // is shared so a task that starts after the call returned finds no chunk left.
-void ParallelFor(ffi::ThreadPool& pool, int64_t chunks,
-                 const std::function<void(int64_t)>& body) {
+void ParallelChunks(ffi::ThreadPool& pool, int64_t chunks,
+                    const std::function<void(int64_t)>& body) {
   struct State {
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};
@@ -54,8 +54,27 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t chunks,
   }
 }
 
+// One chunk of [0, n) per pool thread (at least one, at most n).
 int64_t NumChunks(ffi::ThreadPool& pool, int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>(n, std::max<int64_t>(pool.num_threads(), 1)));
+}
+
+// Splits [0, n) evenly into `chunks` ranges and runs body(chunk, begin, end) for each.
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunks,
+                 const std::function<void(int64_t, int64_t, int64_t)>& body) {
+  ParallelChunks(pool, chunks, [&](int64_t chunk) {
+    body(chunk, n * chunk / chunks, n * (chunk + 1) / chunks);
+  });
+}
+
+// out[k] = the float64 sum over chunks of partial[chunk * size + k], as float32.
+void ReducePartials(const std::vector<double>& partial, int64_t chunks, int64_t size,
+                    float* out) {
+  for (int64_t k = 0; k < size; ++k) {
+    double s = 0.0;
+    for (int64_t t = 0; t < chunks; ++t) s += partial[t * size + k];
+    out[k] = static_cast<float>(s);
+  }
 }
 
 // Geometry of a depthwise conv: NHWC input (n, h, w, c), kernel (kh, kw, c), output
@@ -197,11 +216,6 @@ void ImageKernelGrad(const Geometry& g, const float* x, const float* dy, double*
   });
 }
 
-// The first image (or row) of chunk `chunk` of `chunks`, n split evenly.
-inline int64_t ChunkStart(int64_t n, int64_t chunk, int64_t chunks) {
-  return n * chunk / chunks;
-}
-
 ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
                             int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph,
@@ -209,10 +223,8 @@ ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   auto kd = kernel.dimensions();
   auto yd = y->dimensions();
   const Geometry g = MakeGeometry(x, kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
-  const int64_t chunks = NumChunks(pool, g.n);
-  ParallelFor(pool, chunks, [&](int64_t chunk) {
-    for (int64_t n = ChunkStart(g.n, chunk, chunks); n < ChunkStart(g.n, chunk + 1, chunks);
-         ++n) {
+  ParallelFor(pool, g.n, NumChunks(pool, g.n), [&](int64_t, int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
       ImageForward(g, x.typed_data() + n * g.h * g.w * g.c, kernel.typed_data(),
                    y->typed_data() + n * g.oh * g.ow * g.c);
     }
@@ -232,21 +244,15 @@ ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t size = g.kh * g.kw * g.c;
   const int64_t chunks = NumChunks(pool, g.n);
   std::vector<double> partial(chunks * size, 0.0);
-  ParallelFor(pool, chunks, [&](int64_t chunk) {
-    for (int64_t n = ChunkStart(g.n, chunk, chunks); n < ChunkStart(g.n, chunk + 1, chunks);
-         ++n) {
+  ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
       const float* grad = dy.typed_data() + n * g.oh * g.ow * g.c;
       ImageInputGrad(g, grad, kernel.typed_data(), dx->typed_data() + n * g.h * g.w * g.c);
       ImageKernelGrad(g, x.typed_data() + n * g.h * g.w * g.c, grad,
                       partial.data() + chunk * size);
     }
   });
-  float* out = dkernel->typed_data();
-  for (int64_t k = 0; k < size; ++k) {
-    double s = 0.0;
-    for (int64_t t = 0; t < chunks; ++t) s += partial[t * size + k];
-    out[k] = static_cast<float>(s);
-  }
+  ReducePartials(partial, chunks, size, dkernel->typed_data());
   return ffi::Error::Success();
 }
 
@@ -264,11 +270,10 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   const float* __restrict shifts = shift.typed_data();
   const int64_t chunks = NumChunks(pool, rows);
   std::vector<double> partial(chunks * 2 * c, 0.0);
-  ParallelFor(pool, chunks, [&](int64_t chunk) {
+  ParallelFor(pool, rows, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
     std::vector<float> sum_b(c), sum_ab(c);
     double* total = partial.data() + chunk * 2 * c;
-    for (int64_t r = ChunkStart(rows, chunk, chunks); r < ChunkStart(rows, chunk + 1, chunks);
-         ++r) {
+    for (int64_t r = begin; r < end; ++r) {
       std::fill(sum_b.begin(), sum_b.end(), 0.0f);
       std::fill(sum_ab.begin(), sum_ab.end(), 0.0f);
       for (int64_t q = 0; q < w; ++q) {
@@ -285,12 +290,7 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
       }
     }
   });
-  float* o = out->typed_data();
-  for (int64_t k = 0; k < 2 * c; ++k) {
-    double s = 0.0;
-    for (int64_t t = 0; t < chunks; ++t) s += partial[t * 2 * c + k];
-    o[k] = static_cast<float>(s);
-  }
+  ReducePartials(partial, chunks, 2 * c, out->typed_data());
   return ffi::Error::Success();
 }
 
