@@ -26,10 +26,11 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from s9jax import train  # noqa: E402
+from s9jax import host_memory, train  # noqa: E402
 
 
 def main():
+  host_memory.reuse_freed_memory()  # Before JAX starts its CPU client.
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="base", help="a module in configs/")
   parser.add_argument("--batch", type=int, default=256)

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from s9jax import receptive_field, train  # noqa: E402
+from s9jax import host_memory, receptive_field, train  # noqa: E402
 
 TARGET = 0.85
 
@@ -34,6 +34,7 @@ def load_config(path: str):
 
 
 def main():
+  host_memory.reuse_freed_memory()  # Before JAX starts its CPU client.
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="configs/base.py")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from s9jax import train  # noqa: E402
+from s9jax import host_memory, train  # noqa: E402
 
 
 def jax_images_per_second(config, batch: int, steps: int) -> tuple[float, int]:
@@ -122,6 +122,7 @@ def torch_images_per_second(config, batch: int, steps: int) -> tuple[float, int]
 
 
 def main():
+  host_memory.reuse_freed_memory()  # Before JAX starts its CPU client.
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--batch", type=int, help="default: each config's batch_size")

@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from s9jax import input_pipeline, plots, train
+from s9jax import host_memory, input_pipeline, plots, train
 
 FLAGS = flags.FLAGS
 
@@ -69,6 +69,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  host_memory.reuse_freed_memory()  # Before JAX starts its CPU client.
   try:
     result = evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
   except (train.ConfigError, input_pipeline.DataError) as e:

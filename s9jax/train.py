@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from s9jax import input_pipeline, models, ops, plots, receptive_field
+from s9jax import host_memory, input_pipeline, models, ops, plots, receptive_field
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_SLACK_BYTES = 1 << 20  # Orbax's metadata files, rounded up to pages.
@@ -561,6 +561,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  host_memory.reuse_freed_memory()  # Before JAX starts its CPU client.
   if FLAGS.distributed:
     jax.distributed.initialize()  # Before any other JAX call: joins this host to the job.
   try:
