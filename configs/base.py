@@ -36,7 +36,7 @@ def get_config(variant: str = ""):
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "s9net"
-  c.model.conv_impl = "auto"              # 'auto': CPU-fast convs and BatchNorm on CPU, lax on GPU/TPU.
+  c.model.conv_impl = "auto"              # 'auto': CPU-fast convs, BatchNorm, dropout on CPU; lax on GPU/TPU.
   c.model.dtype = "float32"               # 'bfloat16': mixed precision (params stay float32).
   c.model.stem_width = 24
   c.model.stem_stride = 1                 # 2: the stem downsamples (see configs/fast.py).

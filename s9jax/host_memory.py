@@ -9,11 +9,11 @@ zero-fills ~37,000 new 4 KiB pages. On the 2-core dev machine that was ~30 ms of
 
 The settings: one malloc arena (worker threads allocate from the main heap), no mmap
 (big blocks come from that heap too) and no trimming (freed blocks stay mapped for the
-next step; a 2 GB threshold was not enough for the seed network's step, which still took
-~170,000 faults a step and ran at ~150 images/s against ~255 without trimming). They apply to threads that have not allocated yet, so call
-`reuse_freed_memory()` before JAX starts its CPU client (before the first computation);
-train.py and eval.py do it first thing. The cost: freed memory goes back to the heap,
-not to the OS, so the process keeps its peak size.
+next step; with a 2 GB threshold the seed network's step still took ~170,000 faults a
+step, at ~150 images/s against ~255 without trimming). They apply to threads that have
+not allocated yet, so call `reuse_freed_memory()` before JAX starts its CPU client (before
+the first computation); train.py and eval.py do it first thing. The cost: freed memory
+goes back to the heap, not to the OS, so the process keeps its peak size.
 """
 
 from __future__ import annotations

@@ -69,6 +69,28 @@ def norm_factory(conv_impl: str, dtype=jnp.float32):
                            use_native=impl == "native")
 
 
+class Dropout(nn.Module):
+  """`nn.Dropout`'s maths (inverted dropout, 'dropout' rng stream, no variables) with the
+  CPU-fast masks of `ops.dropout_keep_mask`."""
+  rate: float
+  deterministic: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    if self.deterministic or self.rate == 0.0:
+      return x
+    if self.rate == 1.0:
+      return jnp.zeros_like(x)
+    keep = ops.dropout_keep_mask(self.make_rng("dropout"), self.rate, x.shape)
+    return lax.select(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
+
+
+def dropout_factory(conv_impl: str):
+  """Flax's dropout (threefry masks) with the canonical 'lax' ops, the hashed masks with
+  the CPU ones."""
+  return nn.Dropout if ops.resolve(conv_impl) == "lax" else Dropout
+
+
 class SeparableConv(nn.Module):
   """Depthwise-separable conv: a 3x3 conv with one group per input channel, then a 1x1."""
   features: int
@@ -114,7 +136,7 @@ class Seed(nn.Module):
     def relu_bn_drop(y):
       y = nn.relu(y)
       y = norm_factory(self.conv_impl, self.dtype)(use_running_average=not train)(y)
-      return nn.Dropout(self.dropout, deterministic=not train)(y)
+      return dropout_factory(self.conv_impl)(self.dropout, deterministic=not train)(y)
 
     def sep(features, y):
       return relu_bn_drop(SeparableConv(features, padding=2, conv_impl=self.conv_impl,
@@ -198,7 +220,7 @@ class S9Net(nn.Module):
         x = ResidualSeparable(dilation=dilation, conv_impl=self.conv_impl,
                               dtype=self.dtype)(x, train)
     x = global_average_pool(self, x)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = dropout_factory(self.conv_impl)(self.dropout, deterministic=not train)(x)
     conv_out = nn.Conv(NUM_CLASSES, (1, 1), dtype=self.dtype,
                        conv_general_dilated=ops.conv_function(self.conv_impl))
     return conv_out(x[:, None, None, :])[:, 0, 0, :].astype(jnp.float32)

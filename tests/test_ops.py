@@ -125,6 +125,7 @@ def test_failed_native_build_says_why(monkeypatch, tmp_path):
 @pytest.mark.parametrize("name,impl", [("seed", "native"), ("base", "native"), ("base", "fast")])
 def test_models_same_logits_and_grads_with_each_implementation(name, impl):
   config = load_config(name)
+  config.model.dropout = 0.0  # Masks differ by design (hashed vs threefry): tested below.
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
   fast = models.create_model(config.model, conv_impl=impl)
   canonical = models.create_model(config.model, conv_impl="lax")
@@ -177,3 +178,49 @@ def test_fast_batch_norm_matches_flax(train, impl):
   np.testing.assert_allclose(y_fast, y_flax, rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves((stats_fast, g_fast)), jax.tree.leaves((stats_flax, g_flax))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.1, 0.5])
+def test_dropout_keep_mask_has_the_rate_and_no_pattern(rate):
+  shape = (64, 16, 16, 32)  # 524,288 elements.
+  keep = np.asarray(ops.dropout_keep_mask(jax.random.PRNGKey(0), rate, shape))
+  n, dropped = keep.size, ~keep
+  sigma = np.sqrt(n * rate * (1 - rate))
+  assert abs(dropped.sum() - n * rate) < 5 * sigma
+  # Neighbours along each axis (channels, pixels, rows, images) drop independently:
+  # both dropped with probability rate**2.
+  for axis in range(4):
+    a = np.moveaxis(dropped, axis, 0)
+    both = (a[1:] & a[:-1]).sum()
+    pairs = a[1:].size
+    assert abs(both - pairs * rate**2) < 5 * np.sqrt(pairs * rate**2 * (1 - rate**2)), axis
+  # Each channel (and each image) gets its share, not a fixed subset.
+  per_channel = dropped.reshape(-1, 32).mean(axis=0)
+  assert np.all(np.abs(per_channel - rate) < 5 * np.sqrt(rate * (1 - rate) / (n / 32)))
+
+
+def test_dropout_keep_mask_follows_the_key():
+  shape, rate = (8, 8, 8, 16), 0.5
+  a, b = (np.asarray(ops.dropout_keep_mask(jax.random.PRNGKey(k), rate, shape)) for k in (0, 1))
+  np.testing.assert_array_equal(a, ops.dropout_keep_mask(jax.random.PRNGKey(0), rate, shape))
+  assert 0.4 < (a == b).mean() < 0.6  # Another key: an unrelated mask.
+  assert ops.dropout_keep_mask(jax.random.PRNGKey(0), 0.0, shape).all()
+
+
+def test_dropout_module_is_flax_dropout_with_hashed_masks():
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 6, 6, 8)) + 3.0  # No zeros of its own.
+  rng = {"dropout": jax.random.PRNGKey(5)}
+  layer = models.Dropout(0.25)
+  y = layer.apply({}, x, rngs=rng)
+  kept = y != 0
+  assert 0.6 < kept.mean() < 0.9
+  np.testing.assert_allclose(y[kept], x[kept] / 0.75, rtol=1e-6)
+  # The gradient is the same mask, scaled.
+  grad = jax.grad(lambda x: layer.apply({}, x, rngs=rng).sum())(x)
+  np.testing.assert_allclose(grad, kept / 0.75, rtol=1e-6)
+  np.testing.assert_array_equal(models.Dropout(0.25, deterministic=True).apply({}, x), x)
+  np.testing.assert_array_equal(models.Dropout(1.0).apply({}, x, rngs=rng), 0 * x)
+  # Same call shape and rng stream as nn.Dropout, which the canonical 'lax' models keep.
+  assert models.dropout_factory("lax") is nn.Dropout
+  assert models.dropout_factory("fast") is models.Dropout
+  assert nn.Dropout(0.25, deterministic=False).apply({}, x, rngs=rng).shape == y.shape
