@@ -166,14 +166,21 @@ inline void DotTaps(const Taps& taps, const float* __restrict image,
 template <typename Row, typename Col>
 void GatherTaps(const Geometry& g, int64_t rows, int64_t cols, int64_t src_cols, Row row,
                 Col col, const float* src, const float* w, float* dst) {
+  // row() and col() tabulated once: OutRow's division by the stride, per pixel and tap,
+  // was a third of the backward pass.
+  std::vector<int64_t> row_of(rows * g.kh), col_of(cols * g.kw);
+  for (int64_t u = 0; u < rows; ++u)
+    for (int64_t i = 0; i < g.kh; ++i) row_of[u * g.kh + i] = row(u, i);
+  for (int64_t v = 0; v < cols; ++v)
+    for (int64_t j = 0; j < g.kw; ++j) col_of[v * g.kw + j] = col(v, j);
   for (int64_t u = 0; u < rows; ++u) {
     for (int64_t v = 0; v < cols; ++v) {
       Taps taps;
       for (int64_t i = 0; i < g.kh; ++i) {
-        const int64_t r = row(u, i);
+        const int64_t r = row_of[u * g.kh + i];
         if (r < 0) continue;
         for (int64_t j = 0; j < g.kw; ++j) {
-          const int64_t s = col(v, j);
+          const int64_t s = col_of[v * g.kw + j];
           if (s >= 0) taps.Add((r * src_cols + s) * g.c, (i * g.kw + j) * g.c);
         }
       }
@@ -193,27 +200,39 @@ void ImageInputGrad(const Geometry& g, const float* dy, const float* w, float* d
 }
 
 // Adds one image's kernel gradient, sum over p, q of x[in(p, i), in(q, j)] * dy[p, q],
-// to total (kh, kw, c): summed in float32 within the image, added in float64.
-void ImageKernelGrad(const Geometry& g, const float* x, const float* dy, double* total) {
+// to total (kh, kw, c): summed in float32 within the image, added in float64. KH, KW > 0
+// fix the kernel's size at compile time, so that the per-tap accumulators are registers
+// (indexed at run time they lived on the stack: 0.93 vs ~0.3 ms for a 128x16x16x48 batch).
+template <int KH, int KW>
+void ImageKernelGradFor(const Geometry& g, const float* x, const float* dy, double* total) {
+  const int64_t kh = KH > 0 ? KH : g.kh, kw = KW > 0 ? KW : g.kw;
   ForChannelBlocks(g.c, [&](auto block, int64_t c0) {
     constexpr int B = decltype(block)::value;
-    typename Vec<B>::type acc[kMaxTaps] = {};
+    typename Vec<B>::type acc[KH > 0 ? KH * KW : kMaxTaps] = {};
     for (int64_t p = 0; p < g.oh; ++p) {
       for (int64_t q = 0; q < g.ow; ++q) {
         const typename Vec<B>::type d = Load<B>(dy + (p * g.ow + q) * g.c + c0);
-        for (int64_t i = 0; i < g.kh; ++i) {
+        for (int64_t i = 0; i < kh; ++i) {
           const int64_t r = g.InRow(p, i);
           if (r < 0) continue;
-          for (int64_t j = 0; j < g.kw; ++j) {
+          for (int64_t j = 0; j < kw; ++j) {
             const int64_t s = g.InCol(q, j);
-            if (s >= 0) acc[i * g.kw + j] += Load<B>(x + (r * g.w + s) * g.c + c0) * d;
+            if (s >= 0) acc[i * kw + j] += Load<B>(x + (r * g.w + s) * g.c + c0) * d;
           }
         }
       }
     }
-    for (int64_t t = 0; t < g.kh * g.kw; ++t)
+    for (int64_t t = 0; t < kh * kw; ++t)
       for (int k = 0; k < B; ++k) total[t * g.c + c0 + k] += acc[t][k];
   });
+}
+
+void ImageKernelGrad(const Geometry& g, const float* x, const float* dy, double* total) {
+  if (g.kh == 3 && g.kw == 3) {
+    ImageKernelGradFor<3, 3>(g, x, dy, total);
+  } else {
+    ImageKernelGradFor<0, 0>(g, x, dy, total);
+  }
 }
 
 ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
