@@ -4,18 +4,26 @@ eager (channels_last, CPU), measured side by side in one process, for each netwo
 
     pip install -e ".[bench]" && python benchmarks/train_step.py [--steps 20] [--batch N] [--repeats 2]
 
-Prints one line per network:  network  params  batch  s9jax img/s  torch img/s  ratio
+Prints one line per network:
+    network  params  batch  s9jax img/s  torch img/s  torch-glibc img/s  ratio
 Each network at its config's training batch size unless --batch is given; s9jax with the
 config's `model.conv_impl` ('auto': the C++ kernels on one CPU device).
 Both sides run the same maths: same layer shapes, BatchNorm in training mode, dropout
 where the config has it, softmax cross-entropy, SGD with momentum.
+
+The process runs with s9jax's malloc settings (s9jax/host_memory.py), as training does.
+They change torch's speed too (faster on the seed network, slower on the others), so
+torch is also timed in a child process with glibc's defaults (`torch-glibc`), and the
+ratio is s9jax over the faster of torch's two.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -121,6 +129,18 @@ def torch_images_per_second(config, batch: int, steps: int) -> tuple[float, int]
   return batch * steps / (time.perf_counter() - start), params
 
 
+def torch_with_glibc_malloc(args) -> dict[str, float]:
+  """Torch's best images/s per network, timed in a child process with glibc's malloc
+  defaults (S9JAX_MALLOC=system)."""
+  command = [sys.executable, __file__, "--torch-only", "--steps", str(args.steps),
+             "--repeats", str(args.repeats), "--configs", *args.configs]
+  if args.batch:
+    command += ["--batch", str(args.batch)]
+  result = subprocess.run(command, env={**os.environ, "S9JAX_MALLOC": "system"},
+                          capture_output=True, text=True, check=True)
+  return {name: float(ips) for name, ips in (line.split() for line in result.stdout.splitlines())}
+
+
 def main():
   host_memory.reuse_freed_memory()  # Before JAX starts its CPU client.
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -129,12 +149,21 @@ def main():
   parser.add_argument("--configs", nargs="+", default=["base", "fast", "seed"])
   parser.add_argument("--repeats", type=int, default=2,
                       help="alternate s9jax and torch this many times; report each one's best")
+  parser.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   import torch
+  if args.torch_only:  # The child of torch_with_glibc_malloc.
+    for name in args.configs:
+      config = importlib.import_module(f"configs.{name}").get_config()
+      runs = [torch_images_per_second(config, args.batch or config.batch_size, args.steps)
+              for _ in range(args.repeats)]
+      print(name, max(runs)[0], flush=True)
+    return
   print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), {args.steps} timed steps, best of {args.repeats}")
   print(f"{'network':8s} {'params':>8s} {'batch':>5s} {'s9jax img/s':>12s} {'torch img/s':>12s} "
-        f"{'ratio':>6s}")
+        f"{'torch-glibc img/s':>18s} {'ratio':>6s}")
+  measured = []
   for name in args.configs:
     config = importlib.import_module(f"configs.{name}").get_config()
     batch = args.batch or config.batch_size
@@ -146,8 +175,12 @@ def main():
       torch_runs.append(torch_images_per_second(config, batch, args.steps))
     (jax_ips, jax_params), (torch_ips, torch_params) = max(jax_runs), max(torch_runs)
     assert jax_params == torch_params, f"{name}: jax {jax_params} vs torch {torch_params} params"
-    print(f"{name:8s} {jax_params:8,d} {batch:5d} {jax_ips:12.1f} {torch_ips:12.1f} "
-          f"{jax_ips / torch_ips:6.2f}", flush=True)
+    measured.append((name, jax_params, batch, jax_ips, torch_ips))
+  glibc = torch_with_glibc_malloc(args)
+  for name, params, batch, jax_ips, torch_ips in measured:
+    best_torch = max(torch_ips, glibc[name])
+    print(f"{name:8s} {params:8,d} {batch:5d} {jax_ips:12.1f} {torch_ips:12.1f} "
+          f"{glibc[name]:18.1f} {jax_ips / best_torch:6.2f}", flush=True)
 
 
 if __name__ == "__main__":
