@@ -166,8 +166,8 @@ inline void DotTaps(const Taps& taps, const float* __restrict image,
 template <typename Row, typename Col>
 void GatherTaps(const Geometry& g, int64_t rows, int64_t cols, int64_t src_cols, Row row,
                 Col col, const float* src, const float* w, float* dst) {
-  // row() and col() tabulated once: OutRow's division by the stride, per pixel and tap,
-  // was a third of the backward pass.
+  // row() and col() tabulated once per image: OutRow's division by the stride, per pixel
+  // and tap, cost a third of the backward pass (128x16x16x48: 2.20 -> 1.48 ms).
   std::vector<int64_t> row_of(rows * g.kh), col_of(cols * g.kw);
   for (int64_t u = 0; u < rows; ++u)
     for (int64_t i = 0; i < g.kh; ++i) row_of[u * g.kh + i] = row(u, i);
@@ -201,8 +201,8 @@ void ImageInputGrad(const Geometry& g, const float* dy, const float* w, float* d
 
 // Adds one image's kernel gradient, sum over p, q of x[in(p, i), in(q, j)] * dy[p, q],
 // to total (kh, kw, c): summed in float32 within the image, added in float64. KH, KW > 0
-// fix the kernel's size at compile time, so that the per-tap accumulators are registers
-// (indexed at run time they lived on the stack: 0.93 vs ~0.3 ms for a 128x16x16x48 batch).
+// fix the kernel's size at compile time, so the per-tap accumulators can be registers
+// (backward of a 128x16x16x48 batch: 1.48 -> 1.38 ms).
 template <int KH, int KW>
 void ImageKernelGradFor(const Geometry& g, const float* x, const float* dy, double* total) {
   const int64_t kh = KH > 0 ? KH : g.kh, kw = KW > 0 ? KW : g.kw;
