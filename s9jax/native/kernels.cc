@@ -149,15 +149,29 @@ struct Taps {
 };
 
 // out[pixel] = sum over its taps of image[tap] * kernel[tap], for every channel.
-inline void DotTaps(const Taps& taps, const float* __restrict image,
-                    const float* __restrict kernel, float* __restrict out, int64_t c) {
+// N > 0: exactly N taps, known at compile time (a 3x3 kernel's pixels away from the
+// border), so the tap loop unrolls instead of branching on the count.
+template <int N>
+inline void DotTapsN(const Taps& taps, const float* __restrict image,
+                     const float* __restrict kernel, float* __restrict out, int64_t c) {
+  const int64_t count = N > 0 ? N : taps.count;
   ForChannelBlocks(c, [&](auto block, int64_t c0) {
     constexpr int B = decltype(block)::value;
     typename Vec<B>::type acc = {};
-    for (int64_t t = 0; t < taps.count; ++t)
+#pragma GCC unroll 16
+    for (int64_t t = 0; t < count; ++t)
       acc += Load<B>(image + taps.image[t] + c0) * Load<B>(kernel + taps.kernel[t] + c0);
     Store<B>(out + c0, acc);
   });
+}
+
+inline void DotTaps(const Taps& taps, const float* __restrict image,
+                    const float* __restrict kernel, float* __restrict out, int64_t c) {
+  if (taps.count == 9) {
+    DotTapsN<9>(taps, image, kernel, out, c);
+  } else {
+    DotTapsN<0>(taps, image, kernel, out, c);
+  }
 }
 
 // dst[u, v] = sum over kernel taps (i, j) of src[row(u, i), col(v, j)] * w[i, j], skipping
@@ -212,9 +226,11 @@ void ImageKernelGradFor(const Geometry& g, const float* x, const float* dy, doub
     for (int64_t p = 0; p < g.oh; ++p) {
       for (int64_t q = 0; q < g.ow; ++q) {
         const typename Vec<B>::type d = Load<B>(dy + (p * g.ow + q) * g.c + c0);
+#pragma GCC unroll 16
         for (int64_t i = 0; i < kh; ++i) {
           const int64_t r = g.InRow(p, i);
           if (r < 0) continue;
+#pragma GCC unroll 16
           for (int64_t j = 0; j < kw; ++j) {
             const int64_t s = g.InCol(q, j);
             if (s >= 0) acc[i * kw + j] += Load<B>(x + (r * g.w + s) * g.c + c0) * d;
