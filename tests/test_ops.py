@@ -194,7 +194,7 @@ def test_dropout_keep_mask_has_the_rate_and_no_pattern(rate):
     both = (a[1:] & a[:-1]).sum()
     pairs = a[1:].size
     assert abs(both - pairs * rate**2) < 5 * np.sqrt(pairs * rate**2 * (1 - rate**2)), axis
-  # Each channel (and each image) gets its share, not a fixed subset.
+  # Each channel gets its share, not a fixed subset.
   per_channel = dropped.reshape(-1, 32).mean(axis=0)
   assert np.all(np.abs(per_channel - rate) < 5 * np.sqrt(rate * (1 - rate) / (n / 32)))
 
@@ -220,7 +220,6 @@ def test_dropout_module_is_flax_dropout_with_hashed_masks():
   np.testing.assert_allclose(grad, kept / 0.75, rtol=1e-6)
   np.testing.assert_array_equal(models.Dropout(0.25, deterministic=True).apply({}, x), x)
   np.testing.assert_array_equal(models.Dropout(1.0).apply({}, x, rngs=rng), 0 * x)
-  # Same call shape and rng stream as nn.Dropout, which the canonical 'lax' models keep.
+  # The canonical 'lax' models keep Flax's own (threefry masks).
   assert models.dropout_factory("lax") is nn.Dropout
   assert models.dropout_factory("fast") is models.Dropout
-  assert nn.Dropout(0.25, deterministic=False).apply({}, x, rngs=rng).shape == y.shape
