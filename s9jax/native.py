@@ -1,5 +1,6 @@
 """C++ CPU kernels (s9jax/native/kernels.cc) for the ops XLA:CPU runs as many small
-memory-bound passes: depthwise convolution and BatchNorm's per-channel sums.
+memory-bound passes: depthwise convolution and BatchNorm's per-channel sums; and dense
+3x3 convolutions, which XLA computes through a 9x wider im2col copy.
 
 Compiled with the system C++ compiler the first time they are asked for (a few seconds),
 into a cache keyed by the source, the compiler and its flags, jax's version and this CPU,
@@ -33,7 +34,10 @@ SOURCE = pathlib.Path(__file__).with_name("native") / "kernels.cc"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
 TARGETS = {"s9_depthwise_forward": "S9DepthwiseForward",
            "s9_depthwise_backward": "S9DepthwiseBackward",
-           "s9_channel_sums": "S9ChannelSums"}
+           "s9_channel_sums": "S9ChannelSums",
+           "s9_dense_forward": "S9DenseForward",
+           "s9_dense_input_grad": "S9DenseInputGrad",
+           "s9_dense_kernel_grad": "S9DenseKernelGrad"}
 MAX_TAPS = 16  # kMaxTaps in kernels.cc.
 
 _unavailable_reason = ""
@@ -126,6 +130,27 @@ def depthwise_backward(x, w, dy, strides, dilation, pads):
   out = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(w.shape, jnp.float32))
   return jax.ffi.ffi_call("s9_depthwise_backward", out)(
       x, w, dy, **_conv_attrs(strides, dilation, pads))
+
+
+def dense_forward(x, w, out_hw, strides, dilation, pads):
+  """x (N, H, W, CIN), w (KH, KW, CIN, COUT) -> y (N, OH, OW, COUT)."""
+  out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, w.shape[3]), jnp.float32)
+  return jax.ffi.ffi_call("s9_dense_forward", out)(
+      x, w, **_conv_attrs(strides, dilation, pads))
+
+
+def dense_input_grad(dy, w, in_hw, strides, dilation, pads):
+  """The gradient of `dense_forward` with respect to x (N, *in_hw, CIN), for dy."""
+  out = jax.ShapeDtypeStruct((dy.shape[0], *in_hw, w.shape[2]), jnp.float32)
+  return jax.ffi.ffi_call("s9_dense_input_grad", out)(
+      dy, w, **_conv_attrs(strides, dilation, pads))
+
+
+def dense_kernel_grad(x, dy, kernel_hw, strides, dilation, pads):
+  """The gradient of `dense_forward` with respect to w (*kernel_hw, CIN, COUT), for dy."""
+  out = jax.ShapeDtypeStruct((*kernel_hw, x.shape[3], dy.shape[3]), jnp.float32)
+  return jax.ffi.ffi_call("s9_dense_kernel_grad", out)(
+      x, dy, **_conv_attrs(strides, dilation, pads))
 
 
 def channel_sums(a, b, shift=None):

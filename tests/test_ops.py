@@ -79,22 +79,31 @@ def test_unsupported_layouts_fall_back_to_lax():
       lax.conv_general_dilated(x, w, (1, 1), "SAME", None, None, dn))
 
 
-def test_native_depthwise_on_wide_odd_channels_matches_lax():
-  # VARIANTS use 8 channels (one 8-wide block); the kernels split channels into blocks
-  # of 16, 8 and 1: 16 + 8 + 1 here, the seed network's 70 and 100 are 4x16 + 6 and 6x16 + 4.
-  x = jax.random.normal(jax.random.PRNGKey(0), (3, 9, 10, 25))
-  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 1, 25))
-  for stride, dilation, pad in [(1, 1, 2), (2, 2, 2), (2, 1, 1)]:
-    def f(fn, x, w):
-      return fn(x, w, (stride, stride), ((pad, pad), (pad, pad)), None, (dilation, dilation),
-                DN, 25)
-    native_conv = functools.partial(ops.fast_conv_general_dilated, use_native=True)
-    y_lax, vjp_lax = jax.vjp(functools.partial(f, lax.conv_general_dilated), x, w)
-    y_native, vjp_native = jax.vjp(functools.partial(f, native_conv), x, w)
-    np.testing.assert_allclose(y_native, y_lax, rtol=1e-4, atol=1e-4)
-    dy = jax.random.normal(jax.random.PRNGKey(2), y_lax.shape)
-    for got, want in zip(vjp_native(dy), vjp_lax(dy)):
-      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+# VARIANTS use 8 or 12 channels. The depthwise kernels split channels into blocks of 16,
+# 8 and 1 (the seed network's 70 and 100 are 4x16 + 6 and 6x16 + 4); the dense kernels
+# block output channels as 3x16, 2x16, 16, 8 and 1, and output pixels (input channels
+# for the kernel gradient) as 8, 4, 2 and 1. These shapes take every block: 25 = 16 +
+# 8 + 1 channels, 70 = 48 + 16 + 6 output channels, rows of 15 = 8 + 4 + 2 + 1.
+@pytest.mark.parametrize("x_shape,w_shape,groups,tolerance", [
+    ((3, 9, 10, 25), (3, 3, 1, 25), 25, 1e-3),      # depthwise
+    ((2, 15, 17, 25), (3, 3, 25, 70), 1, 1e-2),     # dense: sums of 225 products
+])
+@pytest.mark.parametrize("stride,dilation,pad", [(1, 1, 1), (1, 1, 2), (2, 2, 2), (2, 1, 2)])
+def test_native_on_wide_odd_shapes_matches_lax(x_shape, w_shape, groups, tolerance, stride,
+                                               dilation, pad):
+  x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
+  w = jax.random.normal(jax.random.PRNGKey(1), w_shape)
+
+  def f(fn, x, w):
+    return fn(x, w, (stride, stride), ((pad, pad), (pad, pad)), None, (dilation, dilation),
+              DN, groups)
+  native_conv = functools.partial(ops.fast_conv_general_dilated, use_native=True)
+  y_lax, vjp_lax = jax.vjp(functools.partial(f, lax.conv_general_dilated), x, w)
+  y_native, vjp_native = jax.vjp(functools.partial(f, native_conv), x, w)
+  np.testing.assert_allclose(y_native, y_lax, rtol=1e-4, atol=tolerance / 10)
+  dy = jax.random.normal(jax.random.PRNGKey(2), y_lax.shape)
+  for got, want in zip(vjp_native(dy), vjp_lax(dy)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=tolerance)
 
 
 def test_auto_picks_native_on_one_cpu_device_and_rejects_unknown(monkeypatch):
