@@ -326,7 +326,7 @@ class TrainBatches:
   """
 
   def __init__(self, images, labels, make_transform: Callable[[], A.Compose] | None,
-               batch_size: int, seed: int, workers: int = 2, prefetch: int = 4,
+               batch_size: int, seed: int, workers: int = 1, prefetch: int = 4,
                process_index: int = 0, process_count: int = 1):
     if len(images) < batch_size:
       raise DataError(f"batch size {batch_size} is larger than the training set ({len(images)})")

@@ -144,17 +144,18 @@ def test_test_images_are_normalised_with_training_statistics():
 
 # ------------------------------------------------------------------------ batching
 
-def make_batches(seed, batch_size=8):
+def make_batches(seed, batch_size=8, workers=1):
   images = np.random.default_rng(3).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
   labels = np.arange(40, dtype=np.int32) % 10
   aug = load_config("base").augment
   return input_pipeline.TrainBatches(
-      images, labels, lambda: input_pipeline.train_transform(aug, MEAN, STD), batch_size, seed)
+      images, labels, lambda: input_pipeline.train_transform(aug, MEAN, STD), batch_size, seed,
+      workers=workers)
 
 
 def test_batches_are_deterministic_per_seed_and_epoch():
   first = list(make_batches(seed=0).epoch(1))
-  again = list(make_batches(seed=0).epoch(1))
+  again = list(make_batches(seed=0, workers=2).epoch(1))  # Whichever thread builds a batch.
   other_epoch = list(make_batches(seed=0).epoch(2))
   assert len(first) == 5
   for a, b in zip(first, again):
