@@ -1,9 +1,10 @@
 // CPU kernels for the S9 ops that XLA:CPU runs as many small memory-bound passes:
 // depthwise convolution (forward; backward: input and kernel gradients together) and
-// BatchNorm's per-channel sums; and for dense KxK convolutions, which XLA runs through
-// an im2col copy (forward, input gradient and kernel gradient, each its own call so XLA
-// drops the input gradient of the first layer). Called from s9jax/native.py through jax.ffi; float32
-// NHWC only; tests/test_ops.py checks them against lax.conv_general_dilated.
+// BatchNorm's per-channel sums; and dense KxK convolutions, which XLA runs through an
+// im2col copy (forward, input gradient and kernel gradient, each its own call so XLA
+// drops the first layer's unused input gradient). Called from s9jax/native.py through
+// jax.ffi; float32 NHWC only; tests/test_ops.py checks them against
+// lax.conv_general_dilated.
 //
 // Each kernel makes one pass over its operands, image by image, with the channel axis
 // innermost in vector registers, the conv's zero padding, stride and dilation handled by
@@ -315,19 +316,21 @@ ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // matmul output summed back tap by tap. These kernels read the input in place instead,
 // with P pixels' accumulators for NB vectors of B channels held in registers while the
 // contraction runs (fast.py's 24 -> 48 3x3 conv, batch 128, forward and backward:
-// 21.5 ms as XLA's im2col and matmuls, 11.6 ms in PyTorch).
+// 21.5 ms as XLA's im2col and matmuls, 12.7 ms with these kernels, 11.6 ms in PyTorch).
 
 template <int V>
 using Int = std::integral_constant<int, V>;
 
 // Calls f(Int<B>, Int<NB>, c0) for blocks [c0, c0 + NB * B) covering [0, c): up to three
 // vectors of 16 (P * NB accumulators and NB operands fit AVX-512's 32 registers for
-// P = 8), then 8, then single channels.
+// P = 8), then three of 8 (24 channels in one pass, not two: Zen 4 runs two 8-wide FMAs
+// a cycle, one 16-wide), 16, 8, then single channels.
 template <typename F>
 inline void ForWideBlocks(int64_t c, F&& f) {
   int64_t c0 = 0;
   for (; c0 + 48 <= c; c0 += 48) f(Int<16>(), Int<3>(), c0);
   if (c0 + 32 <= c) f(Int<16>(), Int<2>(), c0), c0 += 32;
+  if (c0 + 24 <= c) f(Int<8>(), Int<3>(), c0), c0 += 24;
   if (c0 + 16 <= c) f(Int<16>(), Int<1>(), c0), c0 += 16;
   if (c0 + 8 <= c) f(Int<8>(), Int<1>(), c0), c0 += 8;
   for (; c0 < c; ++c0) f(Int<1>(), Int<1>(), c0);
@@ -444,12 +447,57 @@ void DenseInputGradImage(const Geometry& g, int64_t cout, const float* dy, const
   }
 }
 
+// DenseKernelGradImage for fewer than 8 input channels (the stem's 3), where blocks of
+// one tap's channels would leave the accumulators mostly idle: rows of the kernel
+// gradient are (tap, input channel) pairs, R at a time, each reading its own tap.
+void DenseKernelGradRows(const Geometry& g, int64_t cout, const float* x, const float* dy,
+                         double* total) {
+  const int64_t cin = g.c;
+  ForBlocksOf8(g.kh * g.kw * cin, [&](auto rows, int64_t row0) {
+    constexpr int R = decltype(rows)::value;
+    int64_t tap_i[R], tap_j[R], channel[R];
+    for (int k = 0; k < R; ++k) {
+      const int64_t t = (row0 + k) / cin;
+      tap_i[k] = t / g.kw, tap_j[k] = t % g.kw, channel[k] = (row0 + k) % cin;
+    }
+    ForWideBlocks(cout, [&](auto width, auto vectors, int64_t c0) {
+      constexpr int B = decltype(width)::value, NB = decltype(vectors)::value;
+      typename Vec<B>::type acc[R][NB] = {};
+      for (int64_t p = 0; p < g.oh; ++p) {
+        const float* row_of[R];  // Each row's input row at its channel, or null.
+        for (int k = 0; k < R; ++k) {
+          const int64_t r = g.InRow(p, tap_i[k]);
+          row_of[k] = r >= 0 ? x + r * g.w * cin + channel[k] : nullptr;
+        }
+        for (int64_t q = 0; q < g.ow; ++q) {
+          const float* grad = dy + (p * g.ow + q) * cout + c0;
+          typename Vec<B>::type dv[NB];
+#pragma GCC unroll 4
+          for (int v = 0; v < NB; ++v) dv[v] = Load<B>(grad + v * B);
+#pragma GCC unroll 8
+          for (int k = 0; k < R; ++k) {
+            const int64_t s = g.InCol(q, tap_j[k]);
+            const float xk = row_of[k] && s >= 0 ? row_of[k][s * cin] : 0.0f;
+#pragma GCC unroll 4
+            for (int v = 0; v < NB; ++v) acc[k][v] += xk * dv[v];
+          }
+        }
+      }
+      for (int k = 0; k < R; ++k)
+        for (int v = 0; v < NB; ++v)
+          for (int b = 0; b < B; ++b)
+            total[(row0 + k) * cout + c0 + v * B + b] += acc[k][v][b];
+    });
+  });
+}
+
 // Adds one image's kernel gradient, sum over p, q of x[InRow(p, i), InCol(q, j), ci] *
 // dy[p, q, :], to total (kh, kw, cin, cout): CI input channels by NB vectors of output
 // channels at a time, summed in float32 within the image, added in float64.
 void DenseKernelGradImage(const Geometry& g, int64_t cout, const float* x, const float* dy,
                           double* total) {
   const int64_t cin = g.c;
+  if (cin < 8) return DenseKernelGradRows(g, cout, x, dy, total);
   for (int64_t i = 0; i < g.kh; ++i) {
     for (int64_t j = 0; j < g.kw; ++j) {
       const int64_t t = i * g.kw + j;
