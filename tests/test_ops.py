@@ -79,14 +79,17 @@ def test_unsupported_layouts_fall_back_to_lax():
       lax.conv_general_dilated(x, w, (1, 1), "SAME", None, None, dn))
 
 
-# VARIANTS use 8 or 12 channels. The depthwise kernels split channels into blocks of 16,
-# 8 and 1 (the seed network's 70 and 100 are 4x16 + 6 and 6x16 + 4); the dense kernels
-# block output channels as 3x16, 2x16, 16, 8 and 1, and output pixels (input channels
-# for the kernel gradient) as 8, 4, 2 and 1. These shapes take every block: 25 = 16 +
-# 8 + 1 channels, 70 = 48 + 16 + 6 output channels, rows of 15 = 8 + 4 + 2 + 1.
+# VARIANTS use 3, 8 or 12 channels. The depthwise kernels split channels into blocks of
+# 16, 8 and 1 (the seed network's 70 and 100 are 4x16 + 6 and 6x16 + 4); the dense
+# kernels block channels as 3x16, 2x16, 3x8, 16, 8 and 1 and output pixels as 8, 4, 2
+# and 1, and compute the kernel gradient of inputs with under 8 channels by (tap,
+# channel) rows, 8, 4, 2 and 1 at a time. These shapes take every block: 25 = 16 + 8 + 1
+# channels, 85 = 48 + 32 + 5 and 27 = 24 + 3 output channels, rows of 15 = 8 + 4 + 2 + 1
+# pixels, 45 = 5 x 8 + 4 + 1 rows.
 @pytest.mark.parametrize("x_shape,w_shape,groups,tolerance", [
     ((3, 9, 10, 25), (3, 3, 1, 25), 25, 1e-3),      # depthwise
-    ((2, 15, 17, 25), (3, 3, 25, 70), 1, 1e-2),     # dense: sums of 225 products
+    ((2, 15, 17, 25), (3, 3, 25, 85), 1, 1e-2),     # dense: sums of 225 products
+    ((2, 15, 17, 5), (3, 3, 5, 27), 1, 1e-2),       # dense, few input channels
 ])
 @pytest.mark.parametrize("stride,dilation,pad", [(1, 1, 1), (1, 1, 2), (2, 2, 2), (2, 1, 2)])
 def test_native_on_wide_odd_shapes_matches_lax(x_shape, w_shape, groups, tolerance, stride,
