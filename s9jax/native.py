@@ -9,7 +9,8 @@ then registered as XLA FFI targets. Without a compiler, or if the build fails,
 forms of ops.py.
 
 Measured on the 2-core dev machine (fast.py's network, batch 128, one process, the two
-steps alternated): ~1,090 images/s with these kernels vs ~900 with the XLA forms alone.
+steps alternated, 4 rounds, code 3132c71): ~1,700 images/s with these kernels (median;
+best 1,817) vs ~1,190 with the XLA forms alone (best 1,220).
 """
 
 from __future__ import annotations
