@@ -84,12 +84,12 @@ def test_unsupported_layouts_fall_back_to_lax():
 # kernels block channels as 3x16, 2x16, 3x8, 16, 8 and 1 and output pixels as 8, 4, 2
 # and 1, and compute the kernel gradient of inputs with under 8 channels by (tap,
 # channel) rows, 8, 4, 2 and 1 at a time. These shapes take every block: 25 = 16 + 8 + 1
-# channels, 85 = 48 + 32 + 5 and 27 = 24 + 3 output channels, rows of 15 = 8 + 4 + 2 + 1
-# pixels, 45 = 5 x 8 + 4 + 1 rows.
+# channels, 85 = 48 + 32 + 5 and 27 = 24 + 3 output channels, output rows of 15 = 8 + 4 +
+# 2 + 1 pixels (stride 1, padding 1), 45 = 5 x 8 + 4 + 1 rows.
 @pytest.mark.parametrize("x_shape,w_shape,groups,tolerance", [
     ((3, 9, 10, 25), (3, 3, 1, 25), 25, 1e-3),      # depthwise
-    ((2, 15, 17, 25), (3, 3, 25, 85), 1, 1e-2),     # dense: sums of 225 products
-    ((2, 15, 17, 5), (3, 3, 5, 27), 1, 1e-2),       # dense, few input channels
+    ((2, 17, 15, 25), (3, 3, 25, 85), 1, 1e-2),     # dense: sums of 225 products
+    ((2, 17, 15, 5), (3, 3, 5, 27), 1, 1e-2),       # dense, few input channels
 ])
 @pytest.mark.parametrize("stride,dilation,pad", [(1, 1, 1), (1, 1, 2), (2, 2, 2), (2, 1, 2)])
 def test_native_on_wide_odd_shapes_matches_lax(x_shape, w_shape, groups, tolerance, stride,
