@@ -319,16 +319,14 @@ def fast_conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
   pads = _explicit_padding(padding, lhs.shape[1:3], (kh, kw), strides, dilation)
   if any(p < 0 for pair in pads for p in pair):
     return canonical()
+  # The C++ kernels take float32 only; other dtypes keep the XLA forms.
+  use_native = (use_native and kh * kw <= native.MAX_TAPS
+                and lhs.dtype == rhs.dtype == jnp.float32)
   if feature_group_count == cin and cin_per_group == 1 and cout == cin:
-    # The C++ kernels take float32 only; other dtypes keep the XLA forms.
-    use_native = (use_native and kh * kw <= native.MAX_TAPS
-                  and lhs.dtype == rhs.dtype == jnp.float32)
     return _depthwise(lhs, rhs, strides, dilation, pads, use_native)
   if feature_group_count == 1:
     # 1x1 convs stay matmuls, which XLA fuses with their neighbours.
-    use_native = (use_native and 1 < kh * kw <= native.MAX_TAPS
-                  and lhs.dtype == rhs.dtype == jnp.float32)
-    return _dense(lhs, rhs, strides, dilation, pads, use_native)
+    return _dense(lhs, rhs, strides, dilation, pads, use_native and kh * kw > 1)
   return canonical()
 
 

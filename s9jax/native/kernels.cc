@@ -105,10 +105,10 @@ struct Geometry {
   }
 };
 
-Geometry MakeGeometry(ffi::Buffer<ffi::F32>& x, int64_t kh, int64_t kw, int64_t oh,
-                      int64_t ow, int64_t sh, int64_t sw, int64_t dh, int64_t dw,
-                      int64_t ph, int64_t pw) {
-  auto d = x.dimensions();
+// From the input's dimensions (x, or dx for the input gradient) and the rest.
+template <typename Dims>
+Geometry MakeGeometry(const Dims& d, int64_t kh, int64_t kw, int64_t oh, int64_t ow,
+                      int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph, int64_t pw) {
   return Geometry{d[0], d[1], d[2], d[3], kh, kw, oh, ow, sh, sw, dh, dw, ph, pw};
 }
 
@@ -275,7 +275,7 @@ ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             int64_t pw) {
   auto kd = kernel.dimensions();
   auto yd = y->dimensions();
-  const Geometry g = MakeGeometry(x, kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
+  const Geometry g = MakeGeometry(x.dimensions(), kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
   const TapIndex index = ForwardIndex(g);
   ParallelFor(pool, g.n, NumChunks(pool, g.n), [&](int64_t, int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
@@ -294,7 +294,7 @@ ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              int64_t dh, int64_t dw, int64_t ph, int64_t pw) {
   auto kd = kernel.dimensions();
   auto yd = dy.dimensions();
-  const Geometry g = MakeGeometry(x, kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
+  const Geometry g = MakeGeometry(x.dimensions(), kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
   const int64_t size = g.kh * g.kw * g.c;
   const int64_t chunks = NumChunks(pool, g.n);
   std::vector<double> partial(chunks * size, 0.0);
@@ -447,6 +447,17 @@ void DenseInputGradImage(const Geometry& g, int64_t cout, const float* dy, const
   }
 }
 
+// total[(row0 + k) * cout + c0 + channel] += acc[k], the float32 sums of one image's
+// rows of the kernel gradient (row = tap * cin + input channel), added in float64.
+template <int R, int NB, typename V>
+inline void AddKernelGradRows(const V (&acc)[R][NB], int64_t row0, int64_t cout, int64_t c0,
+                              double* total) {
+  constexpr int B = sizeof(V) / sizeof(float);
+  for (int k = 0; k < R; ++k)
+    for (int v = 0; v < NB; ++v)
+      for (int b = 0; b < B; ++b) total[(row0 + k) * cout + c0 + v * B + b] += acc[k][v][b];
+}
+
 // DenseKernelGradImage for fewer than 8 input channels (the stem's 3), where blocks of
 // one tap's channels would leave the accumulators mostly idle: rows of the kernel
 // gradient are (tap, input channel) pairs, R at a time, each reading its own tap.
@@ -483,10 +494,7 @@ void DenseKernelGradRows(const Geometry& g, int64_t cout, const float* x, const 
           }
         }
       }
-      for (int k = 0; k < R; ++k)
-        for (int v = 0; v < NB; ++v)
-          for (int b = 0; b < B; ++b)
-            total[(row0 + k) * cout + c0 + v * B + b] += acc[k][v][b];
+      AddKernelGradRows(acc, row0, cout, c0, total);
     });
   });
 }
@@ -525,10 +533,7 @@ void DenseKernelGradImage(const Geometry& g, int64_t cout, const float* x, const
               }
             }
           }
-          for (int k = 0; k < CI; ++k)
-            for (int v = 0; v < NB; ++v)
-              for (int b = 0; b < B; ++b)
-                total[(t * cin + ci0 + k) * cout + c0 + v * B + b] += acc[k][v][b];
+          AddKernelGradRows(acc, t * cin + ci0, cout, c0, total);
         });
       });
     }
@@ -540,7 +545,7 @@ ffi::Error DenseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                         int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph, int64_t pw) {
   auto kd = kernel.dimensions();
   auto yd = y->dimensions();
-  const Geometry g = MakeGeometry(x, kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
+  const Geometry g = MakeGeometry(x.dimensions(), kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
   const int64_t cout = kd[3];
   const std::vector<float> zeros(g.c, 0.0f);
   ParallelFor(pool, g.n, NumChunks(pool, g.n), [&](int64_t, int64_t begin, int64_t end) {
@@ -558,9 +563,8 @@ ffi::Error DenseInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
                           int64_t pw) {
   auto kd = kernel.dimensions();
   auto yd = dy.dimensions();
-  auto xd = dx->dimensions();
-  const Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], yd[1], yd[2],
-                   sh, sw, dh, dw, ph, pw};
+  const Geometry g =
+      MakeGeometry(dx->dimensions(), kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
   const int64_t cout = kd[3], taps = g.kh * g.kw;
   std::vector<float> wt(taps * cout * g.c);  // (kh, kw, cout, cin)
   const float* w = kernel.typed_data();
@@ -585,7 +589,7 @@ ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            int64_t pw) {
   auto kd = dkernel->dimensions();
   auto yd = dy.dimensions();
-  const Geometry g = MakeGeometry(x, kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
+  const Geometry g = MakeGeometry(x.dimensions(), kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
   const int64_t cout = kd[3], size = g.kh * g.kw * g.c * cout;
   const int64_t chunks = NumChunks(pool, g.n);
   std::vector<double> partial(chunks * size, 0.0);
