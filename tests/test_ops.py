@@ -3,6 +3,7 @@ kernels ('native'), equals lax.conv_general_dilated, outputs and gradients, and 
 models give the same logits with each implementation."""
 
 import functools
+import os
 import shutil
 
 import flax.linen as nn
@@ -15,18 +16,22 @@ from jax import lax
 from s9jax import models, native, ops
 from tests.conftest import load_config
 
-IMPLS = ["fast", "native"]
+# Tests (and parameters) that need the C++ kernels built carry the `native` marker
+# (`pytest -m native` runs them alone, `-m "not native"` the rest); the XLA forms'
+# tests carry none, so they run on machines where no kernels build.
+NATIVE = pytest.mark.native
+IMPLS = ["fast", pytest.param("native", marks=NATIVE)]
 
 
 @pytest.fixture(autouse=True)
 def native_kernels(request):
-  """Tests of the 'native' implementation need the kernels built: a machine with a C++
-  compiler that fails to build them fails the test; one without a compiler skips it."""
-  if "native" in request.node.name:
-    if not native.available():
-      if shutil.which("g++") is None and shutil.which("c++") is None:
-        pytest.skip(f"no C++ compiler: {native.unavailable_reason()}")
-      pytest.fail(f"the C++ kernels did not build: {native.unavailable_reason()}")
+  """Tests marked `native` need the kernels built: a machine with a C++ compiler that
+  fails to build them fails the test; one without a compiler (or with the kernels
+  turned off by S9JAX_NATIVE=0) skips it. tests/test_native.py imports this fixture."""
+  if request.node.get_closest_marker("native") is not None and not native.available():
+    if native.find_compiler() is None or os.environ.get("S9JAX_NATIVE", "1") == "0":
+      pytest.skip(f"no C++ kernels here: {native.unavailable_reason()}")
+    pytest.fail(f"the C++ kernels did not build: {native.unavailable_reason()}")
 
 DN = ("NHWC", "HWIO", "NHWC")
 # (kernel, in, out, groups, stride, dilation, padding): every form in seed and s9net.
@@ -86,6 +91,7 @@ def test_unsupported_layouts_fall_back_to_lax():
 # channel) rows, 8, 4, 2 and 1 at a time. These shapes take every block: 25 = 16 + 8 + 1
 # channels, 85 = 48 + 32 + 5 and 27 = 24 + 3 output channels, output rows of 15 = 8 + 4 +
 # 2 + 1 pixels (stride 1, padding 1), 45 = 5 x 8 + 4 + 1 rows.
+@NATIVE
 @pytest.mark.parametrize("x_shape,w_shape,groups,tolerance", [
     ((3, 9, 10, 25), (3, 3, 1, 25), 25, 1e-3),      # depthwise
     ((2, 17, 15, 25), (3, 3, 25, 85), 1, 1e-2),     # dense: sums of 225 products
@@ -134,7 +140,9 @@ def test_failed_native_build_says_why(monkeypatch, tmp_path):
 # test_models checks it computes base's function. Training mode only: the convolutions
 # are the same code in both modes, and inference-mode BatchNorm is compared with
 # nn.BatchNorm below (the inference-mode cases took ~70 s of the suite's 10 minutes).
-@pytest.mark.parametrize("name,impl", [("seed", "native"), ("base", "native"), ("base", "fast")])
+@pytest.mark.parametrize("name,impl", [pytest.param("seed", "native", marks=NATIVE),
+                                       pytest.param("base", "native", marks=NATIVE),
+                                       ("base", "fast")])
 def test_models_same_logits_and_grads_with_each_implementation(name, impl):
   config = load_config(name)
   config.model.dropout = 0.0  # Masks differ by design (hashed vs threefry): tested below.

@@ -12,6 +12,13 @@
 // intra-op threads. On the 2-core dev machine memory traffic, not arithmetic, is what
 // these ops cost, so the backward reads each image's output gradient once for both
 // gradients, while it is in cache.
+//
+// Portable C++17 for GCC and Clang on x86-64 and aarch64: vectors are GCC vector
+// extensions, which each target lowers to its own registers (AVX/AVX-512, NEON), and
+// the one architecture-specific instruction, the spin-wait hint, has a form per target.
+// The handlers check their operands' ranks and shapes and their attributes before any
+// work and return an InvalidArgument error (a Python exception) for a call the kernels
+// would read or write out of bounds for.
 
 #include <algorithm>
 #include <atomic>
@@ -19,14 +26,34 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <sstream>
+#include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+// Tells the CPU the caller is spinning: on x86 PAUSE, on aarch64 YIELD, which free the
+// core's resources for the hyperthread or the pool thread being waited for; elsewhere
+// the OS scheduler's yield.
+inline void SpinPause() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield" ::: "memory");
+#else
+  std::this_thread::yield();
+#endif
+}
 
 // Runs body(chunk) for chunk in [0, chunks) on the caller and XLA's pool. The caller
 // claims chunks too and only waits for chunks already running, so it never waits on a
@@ -52,9 +79,7 @@ void ParallelChunks(ffi::ThreadPool& pool, int64_t chunks,
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
   work();
-  while (state->done.load(std::memory_order_acquire) < chunks) {
-    __builtin_ia32_pause();
-  }
+  while (state->done.load(std::memory_order_acquire) < chunks) SpinPause();
 }
 
 // One chunk of [0, n) per pool thread (at least one, at most n).
@@ -112,7 +137,9 @@ Geometry MakeGeometry(const Dims& d, int64_t kh, int64_t kw, int64_t oh, int64_t
   return Geometry{d[0], d[1], d[2], d[3], kh, kw, oh, ow, sh, sw, dh, dw, ph, pw};
 }
 
-// Vectors of B floats (GCC/Clang vector extensions), loaded and stored unaligned.
+// Vectors of B floats (GCC/Clang vector extensions), loaded and stored unaligned. Any
+// target takes any B: a width its registers lack is split into several (16 floats are
+// one AVX-512 register, two AVX ones, four NEON ones).
 template <int B>
 struct Vec {
   typedef float type __attribute__((vector_size(B * sizeof(float)), aligned(sizeof(float))));
@@ -137,7 +164,7 @@ inline void ForChannelBlocks(int64_t c, F&& f) {
   for (; c0 < c; ++c0) f(std::integral_constant<int, 1>(), c0);
 }
 
-constexpr int64_t kMaxTaps = 16;  // kh * kw, checked in native.py.
+constexpr int64_t kMaxTaps = 16;  // kh * kw, checked by every handler (CheckConv).
 
 // The taps that reach one pixel: offsets (in floats) into the image read and into the
 // (kh, kw, c) kernel.
@@ -269,13 +296,120 @@ void ImageKernelGrad(const Geometry& g, const float* x, const float* dy, double*
   }
 }
 
+// Argument checks. The kernels index raw buffers by the dimensions XLA passes and keep
+// per-tap arrays of kMaxTaps on the stack, trusting that the operands agree; a call that
+// bypasses ops.py (native.py's functions called directly, or a bug there) must fail with
+// an error, which reaches Python as an exception, not read or write out of bounds. Each
+// handler checks once per call, before any work: the loops are unchanged.
+
+using Dims = ffi::AnyBuffer::Dimensions;
+
+// An InvalidArgument error "<op>: <parts...>".
+template <typename... Parts>
+ffi::Error Invalid(const char* op, const Parts&... parts) {
+  std::ostringstream message;
+  message << op << ": ";
+  (message << ... << parts);
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, message.str());
+}
+
+#define S9_RETURN_IF_ERROR(expr)                    \
+  do {                                              \
+    if (ffi::Error error = (expr); error.failure()) \
+      return error;                                 \
+  } while (0)
+
+std::string ShapeString(Dims d) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t k = 0; k < d.size(); ++k) out << (k ? ", " : "") << d[k];
+  out << (d.size() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+ffi::Error CheckRank(const char* op, const char* name, Dims d, size_t rank,
+                     const char* layout) {
+  if (d.size() == rank) return ffi::Error::Success();
+  return Invalid(op, name, " must have rank ", rank, " ", layout, ", got shape ",
+                 ShapeString(d));
+}
+
+ffi::Error CheckSame(const char* op, const char* name, int64_t value, const char* other,
+                     int64_t expected) {
+  if (value == expected) return ffi::Error::Success();
+  return Invalid(op, name, " (", value, ") must equal ", other, " (", expected, ")");
+}
+
+ffi::Error CheckShape(const char* op, const char* name, Dims d, const char* other,
+                      Dims expected) {
+  if (d == expected) return ffi::Error::Success();
+  return Invalid(op, name, " must have ", other, "'s shape ", ShapeString(expected),
+                 ", got ", ShapeString(d));
+}
+
+// a / b rounded down, b > 0.
+int64_t FloorDiv(int64_t a, int64_t b) { return a / b - (a % b != 0 && a < 0); }
+
+// One spatial axis: `out` must be the size lax.conv_general_dilated gives for input size
+// `in`, kernel size k, stride s, dilation d and padding (lo, hi), computed without
+// overflow, so the kernels' index arithmetic (p * s - lo + i * d) cannot overflow either.
+ffi::Error CheckAxis(const char* op, const char* axis, int64_t in, int64_t out, int64_t k,
+                     int64_t s, int64_t d, int64_t lo, int64_t hi) {
+  int64_t padded, span;  // Every index the kernels compute lies in [-lo, padded].
+  if (__builtin_add_overflow(in, lo, &padded) || __builtin_add_overflow(padded, hi, &padded) ||
+      __builtin_mul_overflow(k - 1, d, &span)) {
+    return Invalid(op, "input ", axis, " ", in, " with kernel ", k, ", stride ", s,
+                   ", dilation ", d, " and padding (", lo, ", ", hi, ") overflows int64");
+  }
+  const int64_t expected = FloorDiv(padded - span - 1, s) + 1;
+  if (out == expected) return ffi::Error::Success();
+  return Invalid(op, "output ", axis, " ", out, " does not follow from input ", axis, " ", in,
+                 ", kernel ", k, ", stride ", s, ", dilation ", d, " and padding (", lo, ", ",
+                 hi, "): expected ", expected);
+}
+
+// The conv's attributes, and its spatial sizes (g, from the operands) against them.
+// g's (ph, pw) is the low padding; the high padding (ph_hi, pw_hi) is an attribute for
+// this check only: the kernels take the output size from the buffers.
+ffi::Error CheckConv(const char* op, const Geometry& g, int64_t ph_hi, int64_t pw_hi) {
+  // kh and kw are bounded first, so their product cannot overflow.
+  if (g.kh < 1 || g.kw < 1 || g.kh > kMaxTaps || g.kw > kMaxTaps || g.kh * g.kw > kMaxTaps) {
+    return Invalid(op, "a ", g.kh, "x", g.kw, " kernel: the kernels take 1 to ", kMaxTaps,
+                   " taps (kMaxTaps, native.MAX_TAPS)");
+  }
+  if (g.sh < 1 || g.sw < 1) {
+    return Invalid(op, "strides must be positive, got (", g.sh, ", ", g.sw, ")");
+  }
+  if (g.dh < 1 || g.dw < 1) {
+    return Invalid(op, "dilations must be positive, got (", g.dh, ", ", g.dw, ")");
+  }
+  if (g.ph < 0 || ph_hi < 0 || g.pw < 0 || pw_hi < 0) {
+    return Invalid(op, "padding must be non-negative, got ((", g.ph, ", ", ph_hi, "), (", g.pw,
+                   ", ", pw_hi, "))");
+  }
+  S9_RETURN_IF_ERROR(CheckAxis(op, "height", g.h, g.oh, g.kh, g.sh, g.dh, g.ph, ph_hi));
+  S9_RETURN_IF_ERROR(CheckAxis(op, "width", g.w, g.ow, g.kw, g.sw, g.dw, g.pw, pw_hi));
+  return ffi::Error::Success();
+}
+
+constexpr char kNhwc[] = "(N, H, W, C)";
+
 ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
                             int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph,
-                            int64_t pw) {
+                            int64_t pw, int64_t ph_hi, int64_t pw_hi) {
+  constexpr char op[] = "s9_depthwise_forward";
+  auto xd = x.dimensions();
   auto kd = kernel.dimensions();
   auto yd = y->dimensions();
-  const Geometry g = MakeGeometry(x.dimensions(), kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
+  S9_RETURN_IF_ERROR(CheckRank(op, "x", xd, 4, kNhwc));
+  S9_RETURN_IF_ERROR(CheckRank(op, "kernel", kd, 3, "(KH, KW, C)"));
+  S9_RETURN_IF_ERROR(CheckRank(op, "y", yd, 4, kNhwc));
+  S9_RETURN_IF_ERROR(CheckSame(op, "kernel channels", kd[2], "x channels", xd[3]));
+  S9_RETURN_IF_ERROR(CheckSame(op, "y batch", yd[0], "x batch", xd[0]));
+  S9_RETURN_IF_ERROR(CheckSame(op, "y channels", yd[3], "x channels", xd[3]));
+  const Geometry g = MakeGeometry(xd, kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
+  S9_RETURN_IF_ERROR(CheckConv(op, g, ph_hi, pw_hi));
   const TapIndex index = ForwardIndex(g);
   ParallelFor(pool, g.n, NumChunks(pool, g.n), [&](int64_t, int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
@@ -291,10 +425,22 @@ ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> dy,
                              ffi::ResultBuffer<ffi::F32> dx,
                              ffi::ResultBuffer<ffi::F32> dkernel, int64_t sh, int64_t sw,
-                             int64_t dh, int64_t dw, int64_t ph, int64_t pw) {
+                             int64_t dh, int64_t dw, int64_t ph, int64_t pw, int64_t ph_hi,
+                             int64_t pw_hi) {
+  constexpr char op[] = "s9_depthwise_backward";
+  auto xd = x.dimensions();
   auto kd = kernel.dimensions();
   auto yd = dy.dimensions();
-  const Geometry g = MakeGeometry(x.dimensions(), kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
+  S9_RETURN_IF_ERROR(CheckRank(op, "x", xd, 4, kNhwc));
+  S9_RETURN_IF_ERROR(CheckRank(op, "kernel", kd, 3, "(KH, KW, C)"));
+  S9_RETURN_IF_ERROR(CheckRank(op, "dy", yd, 4, kNhwc));
+  S9_RETURN_IF_ERROR(CheckShape(op, "dx", dx->dimensions(), "x", xd));
+  S9_RETURN_IF_ERROR(CheckShape(op, "dkernel", dkernel->dimensions(), "kernel", kd));
+  S9_RETURN_IF_ERROR(CheckSame(op, "kernel channels", kd[2], "x channels", xd[3]));
+  S9_RETURN_IF_ERROR(CheckSame(op, "dy batch", yd[0], "x batch", xd[0]));
+  S9_RETURN_IF_ERROR(CheckSame(op, "dy channels", yd[3], "x channels", xd[3]));
+  const Geometry g = MakeGeometry(xd, kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
+  S9_RETURN_IF_ERROR(CheckConv(op, g, ph_hi, pw_hi));
   const int64_t size = g.kh * g.kw * g.c;
   const int64_t chunks = NumChunks(pool, g.n);
   std::vector<double> partial(chunks * size, 0.0);
@@ -542,10 +688,20 @@ void DenseKernelGradImage(const Geometry& g, int64_t cout, const float* x, const
 
 ffi::Error DenseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                         ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
-                        int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph, int64_t pw) {
+                        int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph, int64_t pw,
+                        int64_t ph_hi, int64_t pw_hi) {
+  constexpr char op[] = "s9_dense_forward";
+  auto xd = x.dimensions();
   auto kd = kernel.dimensions();
   auto yd = y->dimensions();
-  const Geometry g = MakeGeometry(x.dimensions(), kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
+  S9_RETURN_IF_ERROR(CheckRank(op, "x", xd, 4, kNhwc));
+  S9_RETURN_IF_ERROR(CheckRank(op, "kernel", kd, 4, "(KH, KW, CIN, COUT)"));
+  S9_RETURN_IF_ERROR(CheckRank(op, "y", yd, 4, kNhwc));
+  S9_RETURN_IF_ERROR(CheckSame(op, "kernel input channels", kd[2], "x channels", xd[3]));
+  S9_RETURN_IF_ERROR(CheckSame(op, "y batch", yd[0], "x batch", xd[0]));
+  S9_RETURN_IF_ERROR(CheckSame(op, "y channels", yd[3], "kernel output channels", kd[3]));
+  const Geometry g = MakeGeometry(xd, kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
+  S9_RETURN_IF_ERROR(CheckConv(op, g, ph_hi, pw_hi));
   const int64_t cout = kd[3];
   const std::vector<float> zeros(g.c, 0.0f);
   ParallelFor(pool, g.n, NumChunks(pool, g.n), [&](int64_t, int64_t begin, int64_t end) {
@@ -560,11 +716,19 @@ ffi::Error DenseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 ffi::Error DenseInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
                           ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> dx,
                           int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph,
-                          int64_t pw) {
+                          int64_t pw, int64_t ph_hi, int64_t pw_hi) {
+  constexpr char op[] = "s9_dense_input_grad";
+  auto xd = dx->dimensions();
   auto kd = kernel.dimensions();
   auto yd = dy.dimensions();
-  const Geometry g =
-      MakeGeometry(dx->dimensions(), kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
+  S9_RETURN_IF_ERROR(CheckRank(op, "dy", yd, 4, kNhwc));
+  S9_RETURN_IF_ERROR(CheckRank(op, "kernel", kd, 4, "(KH, KW, CIN, COUT)"));
+  S9_RETURN_IF_ERROR(CheckRank(op, "dx", xd, 4, kNhwc));
+  S9_RETURN_IF_ERROR(CheckSame(op, "dx batch", xd[0], "dy batch", yd[0]));
+  S9_RETURN_IF_ERROR(CheckSame(op, "kernel output channels", kd[3], "dy channels", yd[3]));
+  S9_RETURN_IF_ERROR(CheckSame(op, "dx channels", xd[3], "kernel input channels", kd[2]));
+  const Geometry g = MakeGeometry(xd, kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
+  S9_RETURN_IF_ERROR(CheckConv(op, g, ph_hi, pw_hi));
   const int64_t cout = kd[3], taps = g.kh * g.kw;
   std::vector<float> wt(taps * cout * g.c);  // (kh, kw, cout, cin)
   const float* w = kernel.typed_data();
@@ -586,10 +750,19 @@ ffi::Error DenseInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
 ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dkernel,
                            int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph,
-                           int64_t pw) {
+                           int64_t pw, int64_t ph_hi, int64_t pw_hi) {
+  constexpr char op[] = "s9_dense_kernel_grad";
+  auto xd = x.dimensions();
   auto kd = dkernel->dimensions();
   auto yd = dy.dimensions();
-  const Geometry g = MakeGeometry(x.dimensions(), kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
+  S9_RETURN_IF_ERROR(CheckRank(op, "x", xd, 4, kNhwc));
+  S9_RETURN_IF_ERROR(CheckRank(op, "dy", yd, 4, kNhwc));
+  S9_RETURN_IF_ERROR(CheckRank(op, "dkernel", kd, 4, "(KH, KW, CIN, COUT)"));
+  S9_RETURN_IF_ERROR(CheckSame(op, "dy batch", yd[0], "x batch", xd[0]));
+  S9_RETURN_IF_ERROR(CheckSame(op, "dkernel input channels", kd[2], "x channels", xd[3]));
+  S9_RETURN_IF_ERROR(CheckSame(op, "dkernel output channels", kd[3], "dy channels", yd[3]));
+  const Geometry g = MakeGeometry(xd, kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
+  S9_RETURN_IF_ERROR(CheckConv(op, g, ph_hi, pw_hi));
   const int64_t cout = kd[3], size = g.kh * g.kw * g.c * cout;
   const int64_t chunks = NumChunks(pool, g.n);
   std::vector<double> partial(chunks * size, 0.0);
@@ -611,7 +784,17 @@ ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
                        ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> shift,
                        ffi::ResultBuffer<ffi::F32> out) {
+  constexpr char op[] = "s9_channel_sums";
   auto d = a.dimensions();
+  S9_RETURN_IF_ERROR(CheckRank(op, "a", d, 4, kNhwc));
+  S9_RETURN_IF_ERROR(CheckShape(op, "b", b.dimensions(), "a", d));
+  S9_RETURN_IF_ERROR(CheckRank(op, "shift", shift.dimensions(), 1, "(C,)"));
+  S9_RETURN_IF_ERROR(CheckSame(op, "shift size", shift.dimensions()[0], "a channels", d[3]));
+  auto od = out->dimensions();
+  if (od.size() != 2 || od[0] != 2 || od[1] != d[3]) {
+    return Invalid(op, "the result must have shape (2, C) = (2, ", d[3], "), got ",
+                   ShapeString(od));
+  }
   const int64_t rows = d[0] * d[1], w = d[2], c = d[3];
   const float* as = a.typed_data();
   const float* bs = b.typed_data();
@@ -644,9 +827,11 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
 
 }  // namespace
 
+// Strides, dilations, low padding and high padding, each (height, width).
 #define S9_CONV_ATTRS                                                                 \
   .Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("dh").Attr<int64_t>("dw") \
-      .Attr<int64_t>("ph").Attr<int64_t>("pw")
+      .Attr<int64_t>("ph").Attr<int64_t>("pw").Attr<int64_t>("ph_hi")                \
+      .Attr<int64_t>("pw_hi")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(S9DepthwiseForward, DepthwiseForward,
                               ffi::Ffi::Bind()
