@@ -1,48 +1,126 @@
-"""Benchmark 2: images/s the Albumentations input pipeline delivers vs images/s the
-train step consumes, on this machine.
+"""Benchmark 2: images/s the Albumentations input pipeline (`TrainBatches`: Grain, with
+`data.workers` augmentation processes) delivers, alone and feeding the real train step,
+for each worker count, on this machine.
 
-    python benchmarks/input_pipeline.py [--config base] [--batches 40]
+    python benchmarks/input_pipeline.py [--config base] [--batches 60] [--workers 0 1 2]
+                                        [--images random|dataset]
 
-The pipeline is timed alone (its threads free to use both cores); the train step alone
-on random data. Prints one line: pipeline img/s, step img/s, ratio.
+Worker counts: 0 (a background thread of this process), 1, 2, and 4 and 8 where this
+machine has that many cores, unless --workers lists them. Prints the train step alone on
+a ready batch, then one line per worker count:
+    workers N: pipeline P img/s (ratio to the step), end to end E img/s
+`pipeline`: batches taken as fast as they come, nothing else running. `end to end`: the
+training loop's work per batch: the next batch, then `train.train_step` on it, JAX's
+dispatch running ahead as in training (what a 2-core machine really delivers: the
+augmentation and the step share its cores). Start-up (worker processes, compilation) is
+not timed: `--warmup` batches first.
+
+Images: 50,000 random uint8 images by default (augmentation costs the same on any
+content; nothing to download), or the config's training split with --images dataset.
+The process runs with s9jax's malloc settings, as training does.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pathlib
 import sys
 import time
 
+import jax
+import numpy as np
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks.train_step import jax_images_per_second  # noqa: E402
-from s9jax import host_memory, input_pipeline  # noqa: E402
+from s9jax import host_memory, input_pipeline, train  # noqa: E402
+
+RANDOM_IMAGES = 50_000  # CIFAR-10's training set.
+
+
+def default_worker_counts() -> list[int]:
+  cores = os.cpu_count() or 1
+  return [0, 1, 2] + [n for n in (4, 8) if n <= cores]
+
+
+def training_images(config, kind: str):
+  if kind == "dataset":
+    return input_pipeline.load_split(config.data, "train")
+  rng = np.random.default_rng(0)
+  return (rng.integers(0, 256, (RANDOM_IMAGES, 32, 32, 3), dtype=np.uint8),
+          rng.integers(0, 10, RANDOM_IMAGES).astype(np.int32))
+
+
+class Trainer:
+  """The real train step on a state of the config's network, compiled and warm.
+  The state is donated to each step, so it lives here, threaded from step to step."""
+
+  def __init__(self, config):
+    self.config = config
+    self.state = train.create_train_state(config, jax.random.PRNGKey(0),
+                                          train.create_learning_rate_fn(config, 100))
+    self.key = jax.random.PRNGKey(1)
+    rng = np.random.default_rng(0)
+    self.ready_batch = {
+        "image": rng.normal(size=(config.batch_size, 32, 32, 3)).astype(np.float32),
+        "label": rng.integers(0, 10, config.batch_size).astype(np.int32)}
+    self.run(lambda: self.ready_batch, 2)  # Compile.
+
+  def run(self, next_batch, steps: int) -> float:
+    """Seconds for `steps` steps, each on `next_batch()`, until the last one is done."""
+    start = time.perf_counter()
+    for _ in range(steps):
+      self.state, metrics = train.train_step(self.state, next_batch(), self.key,
+                                             self.config.label_smoothing)
+    jax.block_until_ready(metrics)
+    return time.perf_counter() - start
+
+
+def measure(batches, trainer: Trainer, count: int, warmup: int) -> tuple[float, float]:
+  """(pipeline alone, end to end) img/s of one `TrainBatches`, over `count` batches each,
+  from one epoch's stream."""
+  needed = 2 * (warmup + count)
+  if needed > batches.steps_per_epoch:
+    raise SystemExit(f"--batches {count} and --warmup {warmup} need {needed} batches of an "
+                     f"epoch; it has {batches.steps_per_epoch}")
+  stream = batches.epoch(1)
+  for _ in range(warmup):  # Worker start-up.
+    next(stream)
+  start = time.perf_counter()
+  for _ in range(count):
+    next(stream)
+  pipeline = count * batches.batch_size / (time.perf_counter() - start)
+  trainer.run(lambda: next(stream), warmup)
+  return pipeline, count * batches.batch_size / trainer.run(lambda: next(stream), count)
 
 
 def main():
   host_memory.reuse_freed_memory()  # Before JAX starts its CPU client.
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="base")
-  parser.add_argument("--batches", type=int, default=40)
-  parser.add_argument("--workers", type=int, default=None)
+  parser.add_argument("--batches", type=int, default=60)
+  parser.add_argument("--warmup", type=int, default=5)
+  parser.add_argument("--workers", type=int, nargs="+", default=None)
+  parser.add_argument("--images", choices=("random", "dataset"), default="random")
   args = parser.parse_args()
   config = importlib.import_module(f"configs.{args.config}").get_config()
-  workers = args.workers or config.data.workers
-  images, labels = input_pipeline.load_split(config.data, "train")
+  images, labels = training_images(config, args.images)
   mean, std = input_pipeline.channel_stats(images)
-  batches = input_pipeline.TrainBatches(
-      images, labels, lambda: input_pipeline.train_transform(config.augment, mean, std),
-      config.batch_size, config.seed, workers=workers)
-  stream = batches.epoch(1)
-  next(stream)  # Thread start-up.
-  start = time.perf_counter()
-  for _ in range(args.batches):
-    next(stream)
-  pipeline_ips = args.batches * config.batch_size / (time.perf_counter() - start)
-  step_ips, _ = jax_images_per_second(config, config.batch_size, 10)
-  print(f"{args.config}: pipeline {pipeline_ips:.0f} img/s ({workers} threads), "
-        f"train step {step_ips:.0f} img/s, ratio {pipeline_ips / step_ips:.2f}")
+  trainer = Trainer(config)
+  trainer.run(lambda: trainer.ready_batch, 5)
+  step_ips = 20 * config.batch_size / trainer.run(lambda: trainer.ready_batch, 20)
+  print(f"{args.config}, batch {config.batch_size}, {os.cpu_count()} cores, {args.images} "
+        f"images: train step alone {step_ips:.0f} img/s (config data.workers = "
+        f"{config.data.workers})", flush=True)
+  for workers in args.workers or default_worker_counts():
+    with input_pipeline.TrainBatches(
+        images, labels, lambda: input_pipeline.train_transform(config.augment, mean, std),
+        config.batch_size, config.seed, workers=workers) as batches:
+      pipeline, end_to_end = measure(batches, trainer, args.batches, args.warmup)
+    where = "a thread of this process" if workers == 0 else "processes"
+    print(f"workers {workers} ({where}): pipeline {pipeline:.0f} img/s "
+          f"({pipeline / step_ips:.2f}x the step), end to end {end_to_end:.0f} img/s",
+          flush=True)
 
 
 if __name__ == "__main__":

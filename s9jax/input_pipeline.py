@@ -1,41 +1,77 @@
 """CIFAR-10 input: TFDS sources -> uint8 NHWC arrays -> Albumentations -> float32 batches.
 
-Two sources, one code path after loading:
-- 'tfds': the official `cifar10` builder (needs internet once, and TensorFlow to prepare).
+Three sources (`data.source`), one code path after loading:
+- 'cifar10' (default): the official binary archive, `cifar-10-binary.tar.gz`. With an empty
+  `data.source_path` it is downloaded once from `data.url` into `<data_dir>/downloads` and
+  checked against `data.md5`; with a path, that local file is used instead: the binary
+  archive fetched by hand, or an image-folder archive or directory (told apart by content).
+  `Cifar10Binary` reads the binary records straight from the archive.
 - 'image_folder': `Cifar10ImageFolder`, a TFDS builder over a manually supplied archive or
   directory laid out `{train,test}/<class>/<image>` (tar, tar.gz, tar.xz, zip or a plain
-  directory), such as the JPEG copy in ../shared/data. It is prepared once into the TFDS
-  data dir as array_record (no TensorFlow needed) and read back with `as_data_source`.
+  directory), such as a JPEG copy of CIFAR-10.
+- 'tfds': the official TFDS `cifar10` builder (needs internet once, and TensorFlow to prepare).
+The two offline builders are prepared once into the TFDS data dir as array_record (no
+TensorFlow needed), stamped with their source, and read back with `as_data_source`; later
+runs read only that prepared copy. Archives are read in place, never extracted.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
+import contextlib
+import copy
 import gzip
+import hashlib
+import http.client
 import io
 import lzma
 import os
 import pathlib
+import posixpath
+import signal
 import stat
+import sys
 import tarfile
 import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import zipfile
+import zlib
 from typing import Callable, Iterator
 
-import albumentations as A
-import cv2
-import jax
-import jax.numpy as jnp
-import numpy as np
-import tensorflow_datasets as tfds
-from jax.scipy import ndimage
+# Albumentations asks PyPI for a newer version when imported, unless told not to: a run
+# makes no network connection but the download it was asked for.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+from jax.scipy import ndimage  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
                "dog", "frog", "horse", "ship", "truck")
 IMAGE_SHAPE = (32, 32, 3)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".zip")
+# What a broken or cut-short archive raises while it is read.
+ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, lzma.LZMAError,
+                  zlib.error, EOFError)
+
+# The official binary archive: one folder of record files, each record a label byte, then
+# the R, G and B planes of a 32x32 image, row by row.
+BINARY_FOLDER = "cifar-10-batches-bin"
+BINARY_FILES = {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+                "test": ("test_batch.bin",)}
+RECORD_BYTES = 1 + 32 * 32 * 3
+DOWNLOAD_TIMEOUT_S = 60.0  # Seconds the server may stay silent before a download fails.
+DOWNLOAD_CHUNK = 1 << 20
+SOURCES = ("cifar10", "image_folder", "tfds")
 
 # Albumentations and JAX share two cores: OpenCV's own thread pool would fight both.
 cv2.setNumThreads(0)
@@ -70,13 +106,14 @@ def _split_class_of(parts: tuple[str, ...]):
   return split, cls
 
 
-def _refuse_escaping_member(source, name: str, is_link: bool):
+def _refuse_escaping_member(source, name: str, is_link: bool,
+                            remedy: str = "re-create it from plain files laid out "
+                                          "{train,test}/<class>/<image>"):
   """Nothing is extracted, so such a member could never be written anywhere; it is still
   refused, because an archive holding one was not made by the tools we document."""
   if is_link or name.startswith("/") or ".." in name.split("/"):
     what = "a link" if is_link else "a path outside the archive's folder"
-    raise DataError(f"{source}: member {name!r} is {what}; refusing the archive: "
-                    "re-create it from plain files laid out {train,test}/<class>/<image>")
+    raise DataError(f"{source}: member {name!r} is {what}; refusing the archive: {remedy}")
 
 
 def iter_image_folder(source: str | os.PathLike, split: str) -> Iterator[tuple[str, bytes, str]]:
@@ -122,15 +159,7 @@ class Cifar10ImageFolder(tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
 
   def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="CIFAR-10 read from a local image-folder archive.",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=IMAGE_SHAPE, dtype=np.uint8),
-            "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
-        }),
-        supervised_keys=("image", "label"),
-    )
+    return _cifar10_info(self, "CIFAR-10 read from a local image-folder archive.")
 
   def _split_generators(self, dl_manager):
     manual_dir = pathlib.Path(dl_manager.manual_dir)
@@ -152,53 +181,296 @@ class Cifar10ImageFolder(tfds.core.GeneratorBasedBuilder):
                       f"every CIFAR-10 class needs a {split}/<class>/ folder")
 
 
-def _prepare_image_folder(source_path: str, data_dir: str) -> Cifar10ImageFolder:
-  source = pathlib.Path(source_path).expanduser().resolve()
-  if not source.exists():
-    raise DataError(f"data source {source} does not exist: pass --config.data.source_path "
-                    "pointing at the CIFAR-10 image-folder archive or directory")
-  manual_dir, source_name = (source, None) if source.is_dir() else (source.parent, source.name)
-  builder = Cifar10ImageFolder(data_dir=data_dir, file_format="array_record",
-                               source_name=source_name)
-  # The prepared copy remembers its source, so pointing at another one cannot silently
-  # reuse it.
+def iter_binary_records(source: str | os.PathLike, split: str
+                        ) -> Iterator[tuple[str, np.ndarray, int]]:
+  """Yields (key, uint8 HWC image, label) for one split of the official binary archive (or
+  a directory holding its `cifar-10-batches-bin/` folder). Archives are streamed in one
+  pass and nothing is extracted; each record file is checked before its records go out."""
+  source = pathlib.Path(source)
+  wanted = BINARY_FILES[split]
+  seen = set()
+  for name, size, read in _binary_members(source):
+    if name not in wanted:
+      continue
+    if name in seen:  # Two copies: which one is the data is anyone's guess.
+      raise DataError(f"{source} holds {BINARY_FOLDER}/{name} twice: fetch the archive again")
+    seen.add(name)
+    if not size or size % RECORD_BYTES:
+      raise DataError(f"{source}: {BINARY_FOLDER}/{name} is {size:,} bytes, not a whole "
+                      f"number of {RECORD_BYTES:,}-byte records: fetch the archive again")
+    records = np.frombuffer(read(), np.uint8).reshape(-1, RECORD_BYTES)
+    labels = records[:, 0]
+    if labels.max() >= len(CLASS_NAMES):
+      bad = int(np.argmax(labels >= len(CLASS_NAMES)))
+      raise DataError(f"{source}: record {bad} of {BINARY_FOLDER}/{name} has label "
+                      f"{labels[bad]}, not 0..9: not a CIFAR-10 binary file")
+    # Each record is the R plane, then G, then B: planes to channels-last.
+    images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    for i in range(len(records)):
+      yield f"{name}:{i:05d}", images[i], int(labels[i])
+  missing = [name for name in wanted if name not in seen]
+  if missing:
+    raise DataError(f"{source} has no {', '.join(f'{BINARY_FOLDER}/{m}' for m in missing)}: "
+                    "it is not the complete CIFAR-10 binary archive; fetch it again")
+
+
+def _binary_members(source: pathlib.Path) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
+  """(file name, size, reader) of each file in a `cifar-10-batches-bin/` folder of `source`."""
+  if source.is_dir():
+    folder = source if source.name == BINARY_FOLDER else source / BINARY_FOLDER
+    for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+      if path.is_file():
+        yield path.name, path.stat().st_size, path.read_bytes
+    return
+  with tarfile.open(source, "r:*") as tf:
+    for member in tf:  # Streamed: one pass over the compressed archive.
+      _refuse_escaping_member(source, member.name, member.issym() or member.islnk(),
+                              "fetch the official archive again")
+      parts = member.name.split("/")
+      if member.isfile() and len(parts) >= 2 and parts[-2] == BINARY_FOLDER:
+        yield parts[-1], member.size, tf.extractfile(member).read
+
+
+def _is_binary_source(source: pathlib.Path) -> bool:
+  """Whether a local source is the official binary archive (or its unpacked folder) rather
+  than an image folder, from its first members, whatever the file is called. Anything
+  else goes to the image-folder reader, which says what it expected."""
+  if source.is_dir():
+    return source.name == BINARY_FOLDER or (source / BINARY_FOLDER).is_dir()
+  if source.name.endswith(".zip"):
+    return False
+  try:
+    with tarfile.open(source, "r:*") as tf:
+      for member in tf:  # The first telling member decides: no pass over the whole archive.
+        parts = tuple(member.name.rstrip("/").split("/"))
+        if BINARY_FOLDER in parts:
+          return True
+        if _split_class_of(parts):
+          return False
+  except ARCHIVE_ERRORS as e:
+    if source.name.endswith(ARCHIVE_SUFFIXES):
+      raise _corrupt_archive(source, e) from e
+  return False
+
+
+def _corrupt_archive(source, e: Exception) -> DataError:
+  return DataError(f"cannot read {source} ({type(e).__name__}: {e}): the archive is corrupt "
+                   "or truncated; fetch or re-create it")
+
+
+def _cifar10_info(builder, description: str) -> tfds.core.DatasetInfo:
+  """Decoded uint8 pixels: `features.Image` would PNG-encode them with TensorFlow."""
+  return tfds.core.DatasetInfo(
+      builder=builder,
+      description=description,
+      features=tfds.features.FeaturesDict({
+          "image": tfds.features.Tensor(shape=IMAGE_SHAPE, dtype=np.uint8),
+          "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
+      }),
+      supervised_keys=("image", "label"),
+  )
+
+
+class Cifar10Binary(tfds.core.GeneratorBasedBuilder):
+  """CIFAR-10 from the official binary archive (`cifar-10-binary.tar.gz`), read in place."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def __init__(self, *, archive: str | os.PathLike | None = None, **kwargs):
+    self._archive = archive  # Only needed to prepare; a prepared copy is read without it.
+    super().__init__(**kwargs)
+
+  def _info(self):
+    return _cifar10_info(self, "CIFAR-10 read from the official binary archive.")
+
+  def _split_generators(self, dl_manager):
+    if self._archive is None:
+      raise DataError("Cifar10Binary(archive=...) is needed to prepare the dataset")
+    return {split: self._generate_examples(self._archive, split) for split in BINARY_FILES}
+
+  def _generate_examples(self, archive, split):
+    for key, image, label in iter_binary_records(archive, split):
+      yield key, {"image": image, "label": label}
+
+
+def _md5_of(path: pathlib.Path) -> str:
+  digest = hashlib.md5()
+  with open(path, "rb") as f:
+    while chunk := f.read(DOWNLOAD_CHUNK):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def download_archive(url: str, md5: str, downloads_dir: str | os.PathLike) -> pathlib.Path:
+  """The archive at `url` in `downloads_dir`, downloaded unless a copy with this MD5 is
+  already there. The bytes go to a `.part` file, renamed only once its size and MD5 are
+  right, so a file under the final name is always a complete, verified one; any failure
+  deletes the `.part` file and raises a one-line DataError saying what to do."""
+  name = posixpath.basename(urllib.parse.urlparse(url).path) or "cifar-10-binary.tar.gz"
+  final = pathlib.Path(downloads_dir) / name
+  md5 = md5.lower()
+  if final.is_file():
+    if _md5_of(final) == md5:
+      return final
+    print(f"{final} does not have MD5 {md5}: downloading it again", flush=True)
+    final.unlink()  # The final name only ever holds a verified file.
+
+  def failed(what: str) -> DataError:
+    return DataError(f"could not download CIFAR-10 from {url}: {what}; nothing was kept. "
+                     f"Rerun to retry, or fetch that file by hand and pass "
+                     f"--config.data.source_path=PATH/TO/{name} (an image-folder archive "
+                     "works too)")
+
+  def reason(e: BaseException) -> str:
+    if isinstance(e, urllib.error.URLError) and isinstance(e.reason, BaseException):
+      e = e.reason
+    if isinstance(e, TimeoutError):
+      return f"nothing received for {DOWNLOAD_TIMEOUT_S:g} s"
+    if isinstance(e, OSError) and e.strerror:
+      return e.strerror
+    return " ".join(str(getattr(e, "reason", e) or type(e).__name__).split())
+
+  final.parent.mkdir(parents=True, exist_ok=True)
+  part = final.with_name(name + ".part")
+  print(f"Downloading CIFAR-10 from {url} into {final} (once)...", flush=True)
+  try:
+    try:
+      response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S)
+    except urllib.error.HTTPError as e:
+      raise failed(f"the server answered HTTP {e.code} {reason(e)}") from e
+    except TimeoutError as e:  # Connected, but no response came.
+      raise failed(f"the server sent no answer within {DOWNLOAD_TIMEOUT_S:g} s") from e
+    except (OSError, http.client.HTTPException) as e:  # Refused, unknown host, no route.
+      raise failed(f"cannot connect ({reason(e)})") from e
+    length = response.headers.get("Content-Length")
+    expected = int(length) if length and length.isdigit() else None
+    digest, received = hashlib.md5(), 0
+    with response, open(part, "wb") as out, tqdm(
+        total=expected, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
+        file=sys.stderr, mininterval=2.0) as progress:
+      while True:
+        try:  # Only the network's errors here: a full disk stays an OSError of its own.
+          chunk = response.read(DOWNLOAD_CHUNK)
+        except (OSError, http.client.HTTPException) as e:
+          raise failed(f"the transfer broke after {received:,} bytes ({reason(e)})") from e
+        if not chunk:
+          break
+        out.write(chunk)
+        digest.update(chunk)
+        received += len(chunk)
+        progress.update(len(chunk))
+    # http.client returns a short body without complaint when the server closes early.
+    if expected is not None and received != expected:
+      raise failed(f"the transfer stopped after {received:,} of {expected:,} bytes")
+    if digest.hexdigest() != md5:
+      raise failed(f"the file's MD5 is {digest.hexdigest()}, not {md5} (corrupt, or not "
+                   "the expected file)")
+    os.replace(part, final)
+  finally:  # Failed or interrupted (Ctrl-C included): no partial file stays behind.
+    part.unlink(missing_ok=True)
+  return final
+
+
+def _prepare_once(builder, source: str, prepare: Callable[[], None]):
+  """`builder`, prepared by `prepare()` unless it already is. The prepared copy remembers
+  its source, so pointing at another one cannot silently reuse it. TFDS prepares into an
+  `incomplete.*` folder and renames it when done: an interrupted preparation never looks
+  prepared (the next run starts over)."""
   stamp = pathlib.Path(builder.data_dir) / "s9jax_source.txt"
-  if builder.is_prepared():
-    if not stamp.exists():  # Prepared before sources were recorded: adopt it.
-      stamp.write_text(str(source))
+  # is_prepared() logs a warning for a folder that is not there yet: look first.
+  if (stamp.parent / "dataset_info.json").exists() and builder.is_prepared():
+    if not stamp.exists():  # Prepared before sources were recorded (or killed just now).
+      stamp.write_text(source)
     prepared_from = stamp.read_text()
-    if prepared_from != str(source):
+    if prepared_from != source:
       raise DataError(f"{builder.data_dir} was prepared from {prepared_from}, not {source}: "
                       "pass another --config.data.data_dir (or delete that one)")
     return builder
+  prepare()
+  stamp.write_text(source)
+  return builder
+
+
+def _download_and_prepare(builder, source: pathlib.Path | None, manual_dir=None):
   print(f"Preparing CIFAR-10 from {source} into {builder.data_dir} (once)...", flush=True)
   try:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=str(manual_dir)))
-  except (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, lzma.LZMAError, EOFError) as e:
-    raise DataError(f"cannot read {source} ({type(e).__name__}: {e}): the archive is corrupt "
-                    "or truncated; fetch or re-create it") from e
-  stamp.write_text(str(source))
-  return builder
+        manual_dir=manual_dir and str(manual_dir), try_download_gcs=False))
+  except ARCHIVE_ERRORS as e:
+    raise _corrupt_archive(source, e) from e
+
+
+def _prepare_image_folder(source: pathlib.Path, data_dir: str) -> Cifar10ImageFolder:
+  manual_dir, source_name = (source, None) if source.is_dir() else (source.parent, source.name)
+  builder = Cifar10ImageFolder(data_dir=data_dir, file_format="array_record",
+                               source_name=source_name)
+  return _prepare_once(builder, str(source),
+                       lambda: _download_and_prepare(builder, source, manual_dir))
+
+
+def _prepare_binary(archive: pathlib.Path | None, data_config, data_dir: str) -> Cifar10Binary:
+  """From a local binary archive, or (archive None) from `data_config.url`, downloaded."""
+  builder = Cifar10Binary(data_dir=data_dir, file_format="array_record", archive=archive)
+  if archive is not None:
+    return _prepare_once(builder, str(archive),
+                         lambda: _download_and_prepare(builder, archive))
+
+  def download_then_prepare():
+    path = download_archive(data_config.url, data_config.md5,
+                            pathlib.Path(data_dir) / "downloads")
+    builder._archive = path
+    _download_and_prepare(builder, path)
+
+  # A run after the first needs neither the network nor the downloaded file.
+  return _prepare_once(builder, f"{data_config.url} (MD5 {data_config.md5.lower()})",
+                       download_then_prepare)
+
+
+def _tfds_official(data_dir: str, split: str):
+  try:
+    return tfds.data_source("cifar10", split=split, data_dir=data_dir,
+                            builder_kwargs={"file_format": "array_record"})
+  except Exception as e:  # Download, TensorFlow import, or preparation failed.
+    detail = " ".join(str(e).split())
+    raise DataError(
+        f"could not load TFDS 'cifar10' ({type(e).__name__}: {detail}). Without TensorFlow, "
+        "use --config.data.source=cifar10 (downloads the official archive once), or offline "
+        "--config.data.source_path=PATH/TO/cifar-10-binary.tar.gz") from e
+
+
+def prepare(data_config):
+  """Makes the configured source ready to read, downloading and preparing it if this data
+  dir has no prepared copy yet; returns its TFDS builder (None for 'tfds'). Call it before
+  writing anything to fail early on missing data; `load_split` calls it too."""
+  data_dir = os.path.expanduser(data_config.data_dir)
+  source = data_config.source
+  if source not in SOURCES:
+    raise DataError(f"data.source must be one of {', '.join(map(repr, SOURCES))}, "
+                    f"got {source!r}")
+  if source == "tfds":
+    _tfds_official(data_dir, "train")  # Prepares both splits.
+    return None
+  if not data_config.source_path:
+    if source == "image_folder":
+      raise DataError("data.source=image_folder needs --config.data.source_path=PATH to an "
+                      "image-folder archive or directory")
+    return _prepare_binary(None, data_config, data_dir)
+  path = pathlib.Path(data_config.source_path).expanduser().resolve()
+  if not path.exists():
+    raise DataError(f"data source {path} does not exist: pass --config.data.source_path "
+                    "pointing at the CIFAR-10 binary archive (cifar-10-binary.tar.gz) or an "
+                    "image-folder archive or directory, or leave it empty to download")
+  if source == "cifar10" and _is_binary_source(path):
+    return _prepare_binary(path, data_config, data_dir)
+  return _prepare_image_folder(path, data_dir)
 
 
 def load_split(data_config, split: str) -> tuple[np.ndarray, np.ndarray]:
   """The whole split as (uint8 images NHWC, int32 labels), from the configured source."""
-  data_dir = os.path.expanduser(data_config.data_dir)
-  if data_config.source == "image_folder":
-    builder = _prepare_image_folder(data_config.source_path, data_dir)
-    source = builder.as_data_source(split=split)
-  elif data_config.source == "tfds":
-    try:
-      source = tfds.data_source("cifar10", split=split, data_dir=data_dir,
-                                builder_kwargs={"file_format": "array_record"})
-    except Exception as e:  # Download, TensorFlow import, or preparation failed.
-      raise DataError(
-          f"could not load TFDS 'cifar10' ({type(e).__name__}: {e}). Without internet or "
-          "TensorFlow, use the offline source: --config.data.source=image_folder "
-          "--config.data.source_path=PATH/TO/cifar10-jpeg.tar.xz") from e
+  if data_config.source == "tfds":
+    source = _tfds_official(os.path.expanduser(data_config.data_dir), split)
   else:
-    raise DataError(f"data.source must be 'tfds' or 'image_folder', got {data_config.source!r}")
+    source = prepare(data_config).as_data_source(split=split)
   records = source.__getitems__(list(range(len(source))))
   images = np.stack([r["image"] for r in records]).astype(np.uint8)
   labels = np.asarray([r["label"] for r in records], dtype=np.int32)
@@ -309,69 +581,228 @@ def eval_transform(mean: np.ndarray, std: np.ndarray) -> A.Compose:
 
 def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
   """Evaluation input: the same Normalize as training, image by image."""
+  if not len(images):  # No validation split, say.
+    return np.zeros(images.shape, np.float32)
   transform = eval_transform(mean, std)
   return np.stack([transform(image=im)["image"] for im in images])
 
 
-class TrainBatches:
-  """Shuffled, augmented training batches, built in background threads while the
-  train step runs (JAX releases the GIL during the step).
+def _batch_seed(seed: int, epoch: int, step: int, host: int, hosts: int) -> int:
+  """The Albumentations seed of one batch: a function of where it is, nothing else."""
+  key = (seed, epoch, step) + ((host,) if hosts > 1 else ())
+  return int(np.random.default_rng(key).integers(2**31))
 
-  Deterministic: the order of epoch e is a permutation drawn from (seed, e), and the
-  augmentation of batch b of epoch e is seeded from (seed, e, b), whichever thread
-  builds it. Drops the last incomplete batch so every step has the same shape.
+
+class AugmentBatch:
+  """Record indices of one global batch -> this host's share of it, augmented: the
+  per-batch transform of `TrainBatches`, run in Grain's worker processes (or its
+  background thread). Picklable: it holds the images, labels and `make_transform` (the
+  augmentation config and mean/std), never a built Compose; each process builds its own
+  on first use and seeds it for every batch from (seed, epoch, step[, host]), so no
+  random state is pickled or carried from one batch to the next."""
+
+  def __init__(self, images, labels, make_transform: Callable[[], A.Compose] | None,
+               seed: int, steps_per_epoch: int, host: int = 0, hosts: int = 1):
+    self.images, self.labels, self.make_transform = images, labels, make_transform
+    self.seed, self.steps_per_epoch, self.host, self.hosts = seed, steps_per_epoch, host, hosts
+    self._transform = None
+
+  def __getstate__(self):
+    return {**self.__dict__, "_transform": None}  # Built where it runs.
+
+  def fresh(self) -> AugmentBatch:
+    """A copy with no Compose built yet: a Compose must not serve two threads at once."""
+    return copy.copy(self)
+
+  def __call__(self, batch_index: int, index: np.ndarray) -> dict:
+    """Grain's `map_with_index`: batch `batch_index` counts from step 0 of epoch 0."""
+    epoch, step = divmod(batch_index, self.steps_per_epoch)
+    return self.build(epoch, step, np.array_split(index, self.hosts)[self.host])
+
+  def build(self, epoch: int, step: int, index: np.ndarray) -> dict:
+    if self.make_transform is None:  # Augmented on device: raw uint8, a quarter the bytes.
+      return {"image": self.images[index], "label": self.labels[index]}
+    if self._transform is None:
+      self._transform = self.make_transform()
+    self._transform.set_random_seed(_batch_seed(self.seed, epoch, step, self.host, self.hosts))
+    batch = np.stack([self._transform(image=self.images[i])["image"] for i in index])
+    return {"image": batch.astype(np.float32), "label": self.labels[index]}
+
+
+def _init_worker(worker_index: int, worker_count: int) -> None:
+  """First thing in each Grain worker process: JAX there may only ever start a CPU client
+  (the main process owns the accelerators; it also spawned this one with
+  JAX_PLATFORMS=cpu), OpenCV runs on this process's one thread, Ctrl-C is the main
+  process's to handle, and the worker exits when the main process dies without stopping
+  it (kill -9): Grain's workers would otherwise live on as orphans."""
+  del worker_index, worker_count
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  jax.config.update("jax_platforms", "cpu")
+  cv2.setNumThreads(1)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True,
+                   name="s9jax-exit-with-parent").start()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+  while os.getppid() == parent:
+    time.sleep(1.0)
+  os._exit(0)
+
+
+def _let_grain_read_its_flags() -> None:
+  """Grain 0.2.18's `mp_prefetch` reads one of its absl flags, which raises
+  UnparsedFlagAccessError where absl never parsed the command line (tests, benchmarks,
+  notebooks; google/grain#1355, fixed after 0.2.18). Marking that one flag given keeps its
+  default and lets it be read, as Grain does for its own flags in its workers."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed() and "grain_enable_multiprocess_worker_profiling" in flags.FLAGS:
+    flags.FLAGS["grain_enable_multiprocess_worker_profiling"].present = True
+
+
+@contextlib.contextmanager
+def _children_on_cpu():
+  """JAX_PLATFORMS=cpu in this process's environment while worker processes are spawned
+  (they inherit it: the JAX they import can only start a CPU client), then as it was."""
+  before = os.environ.get("JAX_PLATFORMS")
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  try:
+    yield
+  finally:
+    if before is None:
+      os.environ.pop("JAX_PLATFORMS", None)
+    else:
+      os.environ["JAX_PLATFORMS"] = before
+
+
+class TrainBatches:
+  """Shuffled, augmented training batches from a Grain pipeline, built ahead while the
+  train step runs:
+
+      MapDataset.range(n).seed(seed).shuffle()   # record indices, a permutation per epoch
+        .batch(batch_size, drop_remainder=True)  # each step's indices
+        .repeat().map_with_index(AugmentBatch)   # epoch after epoch; augment whole batches
+        [first batch:].to_iter_dataset(...)      # then, with `workers` > 0, .mp_prefetch
+
+  `workers` augmentation processes (Grain's `mp_prefetch`; each computes every
+  `workers`-th batch), or with 0 one background thread of this process (JAX releases the
+  GIL during the step, so it overlaps with it). Either way the same batches:
+
+  Deterministic: the order of epoch e is Grain's shuffle for (seed, e) (`order(e)`); the
+  augmentation of batch b of epoch e is seeded from (seed, e, b), whichever process or
+  thread builds it; `epoch(e, start_step=k)` is exactly the tail of `epoch(e)` (mid-epoch
+  resume). Drops the last incomplete batch so every step has the same shape.
 
   `batch_size` is global: with several hosts, each builds only its own equal share of
   every batch (process `process_index` of `process_count`).
+
+  One stream serves consecutive `epoch` calls, so worker processes start once per run
+  (seconds: they import JAX, Albumentations and TFDS) and build the next epoch's first
+  batches during evaluation; asking for any other position starts a new stream.
+  `close()` (or the end of the process) stops the workers. `make_transform=None` gives
+  raw uint8 batches (augmented on device), gathered by the background thread alone.
   """
 
   def __init__(self, images, labels, make_transform: Callable[[], A.Compose] | None,
-               batch_size: int, seed: int, workers: int = 1, prefetch: int = 4,
+               batch_size: int, seed: int, workers: int = 0, prefetch: int = 4,
                process_index: int = 0, process_count: int = 1):
     if len(images) < batch_size:
       raise DataError(f"batch size {batch_size} is larger than the training set ({len(images)})")
+    if workers < 0:
+      raise ValueError(f"workers must be >= 0 (0: this process), not {workers}")
     self.images, self.labels, self.batch_size, self.seed = images, labels, batch_size, seed
     self._host, self._hosts = process_index, process_count
     self.steps_per_epoch = len(images) // batch_size
-    self._make_transform = make_transform
-    self._local = threading.local()
-    self._workers, self._prefetch = workers, prefetch
+    self._augment = AugmentBatch(images, labels, make_transform, seed, self.steps_per_epoch,
+                                 process_index, process_count)
+    # Nothing to spread over processes when there is nothing to augment.
+    self._workers = workers if make_transform is not None else 0
+    self._prefetch = max(1, prefetch)
+    self._stream = None      # (Grain iterator, batches already taken from it).
+    self._position = None    # Global index (epoch * steps_per_epoch + step) it yields next.
 
-  def _thread_transform(self) -> A.Compose:
-    if not hasattr(self._local, "transform"):  # Compose carries RNG state: one per thread.
-      self._local.transform = self._make_transform()
-    return self._local.transform
+  def _shuffled(self):
+    import grain  # Here, not at the top: eval and inference import this module without it.
+    return grain.MapDataset.range(len(self.images)).seed(self.seed).shuffle()
 
-  def order(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng((self.seed, epoch)).permutation(len(self.images))
-
-  def _build(self, epoch: int, step: int, index: np.ndarray):
-    if self._make_transform is None:  # Augmented on device: raw uint8, a quarter the bytes.
-      return {"image": self.images[index], "label": self.labels[index]}
-    transform = self._thread_transform()
-    key = (self.seed, epoch, step) + ((self._host,) if self._hosts > 1 else ())
-    transform.set_random_seed(int(np.random.default_rng(key).integers(2**31)))
-    batch = np.stack([transform(image=self.images[i])["image"] for i in index])
-    return {"image": batch.astype(np.float32), "label": self.labels[index]}
+  def order(self, epoch: int, count: int | None = None) -> np.ndarray:
+    """The first `count` (all) record indices of epoch `epoch`, in training order."""
+    n = len(self.images)
+    shuffled = self._shuffled()
+    return np.fromiter((shuffled[epoch * n + i] for i in range(n if count is None else count)),
+                       np.int64)
 
   def preview(self, count: int) -> dict:
     """The first `count` augmented images of epoch 0, for a look at the augmentations."""
-    return self._build(0, 0, self.order(0)[:count])
+    return self._augment.fresh().build(0, 0, self.order(0, count))
+
+  def _dataset(self, position: int):
+    return (self._shuffled().batch(self.batch_size, drop_remainder=True).repeat()
+            .map_with_index(self._augment.fresh()))[position:]
+
+  def _start(self, position: int):
+    import grain
+    self.close()
+    dataset = self._dataset(position)
+    if not self._workers:
+      stream = iter(dataset.to_iter_dataset(
+          grain.ReadOptions(num_threads=1, prefetch_buffer_size=self._prefetch)))
+      self._stream, self._position = (stream, collections.deque()), position
+      return
+    dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    dataset = dataset.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=self._workers,
+                                     per_worker_buffer_size=-(-self._prefetch // self._workers)),
+        worker_init_fn=_init_worker)
+    _let_grain_read_its_flags()
+    with _children_on_cpu():
+      # Grain spawns the workers from background threads: hold the environment until
+      # each has delivered its first batch (worker i builds batches i, i + workers, ...).
+      stream = iter(dataset)
+      taken = collections.deque()
+      try:
+        for _ in range(self._workers):
+          taken.append(next(stream))
+      except BaseException:
+        stream.close()
+        raise
+    self._stream, self._position = (stream, taken), position
 
   def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
     """The batches of one epoch from `start_step` on (mid-epoch resume)."""
-    order = self.order(epoch)
-    steps = range(start_step, self.steps_per_epoch)
-    with concurrent.futures.ThreadPoolExecutor(self._workers) as pool:
-      pending = []
-      for step in steps:
-        index = order[step * self.batch_size:(step + 1) * self.batch_size]
-        index = np.array_split(index, self._hosts)[self._host]
-        pending.append(pool.submit(self._build, epoch, step, index))
-        if len(pending) > self._prefetch:
-          yield pending.pop(0).result()
-      for future in pending:
-        yield future.result()
+    position = epoch * self.steps_per_epoch + start_step
+    for _ in range(start_step, self.steps_per_epoch):
+      if self._stream is None or self._position != position:
+        self._start(position)  # The first batch, or someone else moved the stream on.
+      stream, taken = self._stream
+      try:
+        batch = taken.popleft() if taken else next(stream)
+      except BaseException:
+        self.close()
+        raise
+      if self._workers:  # Out of /dev/shm now: Grain unlinks a segment with its array.
+        batch = {key: np.array(value) for key, value in batch.items()}
+      position += 1
+      self._position = position
+      yield batch
+
+  def close(self) -> None:
+    """Stops the stream and its worker processes; a later `epoch` starts a new one."""
+    stream, self._stream, self._position = self._stream, None, None
+    if stream is not None:
+      stream[0].close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to stop.
+      pass
 
 
 def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int) -> Iterator[dict]:

@@ -2,6 +2,7 @@
 shared JPEG copy when it is beside the checkout)."""
 
 import io
+import os
 import tarfile
 import zipfile
 from collections import Counter
@@ -68,7 +69,7 @@ def test_tfds_source_failure_points_to_the_offline_source(tmp_path, monkeypatch)
     raise ConnectionError("no internet")
   monkeypatch.setattr(input_pipeline.tfds, "data_source", no_network)
   config = tiny_config(tmp_path / "x", tmp_path / "tfds", **{"data.source": "tfds"})
-  with pytest.raises(input_pipeline.DataError, match="source=image_folder"):
+  with pytest.raises(input_pipeline.DataError, match="source=cifar10 .*source_path="):
     input_pipeline.load_split(config.data, "train")
 
 
@@ -144,33 +145,83 @@ def test_test_images_are_normalised_with_training_statistics():
 
 # ------------------------------------------------------------------------ batching
 
-def make_batches(seed, batch_size=8, workers=1):
+def make_batches(seed, batch_size=8, workers=0, make_transform=None):
   images = np.random.default_rng(3).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
   labels = np.arange(40, dtype=np.int32) % 10
   aug = load_config("base").augment
   return input_pipeline.TrainBatches(
-      images, labels, lambda: input_pipeline.train_transform(aug, MEAN, STD), batch_size, seed,
-      workers=workers)
+      images, labels, make_transform or (lambda: input_pipeline.train_transform(aug, MEAN, STD)),
+      batch_size, seed, workers=workers)
+
+
+def assert_same_batches(expected, actual):
+  assert len(actual) == len(expected)
+  for a, b in zip(expected, actual):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
 
 
 def test_batches_are_deterministic_per_seed_and_epoch():
-  first = list(make_batches(seed=0).epoch(1))
-  again = list(make_batches(seed=0, workers=2).epoch(1))  # Whichever thread builds a batch.
+  batches = make_batches(seed=0)
+  first = list(batches.epoch(1))
+  again = list(make_batches(seed=0).epoch(1))
   other_epoch = list(make_batches(seed=0).epoch(2))
   assert len(first) == 5
-  for a, b in zip(first, again):
-    np.testing.assert_array_equal(a["image"], b["image"])
-    np.testing.assert_array_equal(a["label"], b["label"])
+  assert_same_batches(first, again)
   assert not np.array_equal(first[0]["label"], other_epoch[0]["label"])
   assert first[0]["image"].dtype == np.float32 and first[0]["image"].shape == (8, 32, 32, 3)
+  # Epoch 1 is order(1) in batches, the 40 % 8 == 0 images each once.
+  np.testing.assert_array_equal(np.concatenate([b["label"] for b in first]),
+                                batches.labels[batches.order(1)])
+  assert sorted(batches.order(1)) == list(range(40))
 
 
 def test_mid_epoch_start_gives_the_remaining_batches():
-  full = list(make_batches(seed=4).epoch(3))
-  rest = list(make_batches(seed=4).epoch(3, start_step=2))
+  batches = make_batches(seed=4)
+  full = list(batches.epoch(3))
+  rest = list(batches.epoch(3, start_step=2))
   assert len(rest) == 3
-  for a, b in zip(full[2:], rest):
-    np.testing.assert_array_equal(a["image"], b["image"])
+  assert_same_batches(full[2:], rest)
+  assert_same_batches(full[2:], list(make_batches(seed=4).epoch(3, start_step=2)))
+
+
+def test_batches_do_not_depend_on_the_worker_count():
+  """0 workers (a thread of this process), 1 and 2 worker processes: bit-identical
+  batches, across an epoch boundary, and from a mid-epoch start (a resumed run)."""
+  def two_epochs(workers, start_step=0):
+    with make_batches(seed=5, workers=workers) as batches:
+      return list(batches.epoch(1, start_step)) + list(batches.epoch(2))[:2]
+  reference = two_epochs(0)
+  assert len(reference) == 7
+  assert_same_batches(reference, two_epochs(1))
+  assert_same_batches(reference[2:], two_epochs(2, start_step=2))
+
+
+class WorkerProbe:
+  """Stands in for the Albumentations Compose: each image it 'augments' reports the
+  process that built it: pid, JAX backends started there, OpenCV threads, and whether
+  JAX there is pinned to the CPU."""
+
+  def set_random_seed(self, seed):
+    pass
+
+  def __call__(self, image):
+    import cv2
+    from jax._src import xla_bridge
+    out = np.zeros(image.shape, np.float32)
+    out.flat[:4] = [os.getpid(), len(xla_bridge._backends), cv2.getNumThreads(),
+                    jax.config.jax_platforms == "cpu"]
+    return {"image": out}
+
+
+def test_workers_never_start_a_jax_backend_and_run_opencv_on_one_thread(monkeypatch):
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)  # Set for the tests by conftest: the workers must set it.
+  with make_batches(seed=0, workers=1, make_transform=WorkerProbe) as batches:
+    batch = next(batches.epoch(1))
+    assert "JAX_PLATFORMS" not in os.environ  # Only while the workers started.
+  pids, backends, threads, cpu_only = batch["image"].reshape(8, -1)[:, :4].T
+  assert set(pids) != {os.getpid()} and len(set(pids)) == 1
+  assert set(backends) == {0} and set(threads) == {1} and set(cpu_only) == {1}
 
 
 def test_eval_batches_pad_and_mask_the_last_batch():
