@@ -93,6 +93,11 @@ def _conv_op(kernel, dilation, stride, groups, in_channels):
   return kind
 
 
+def _spatial_shape(eqn, infos) -> tuple:
+  """The shape of the one feature-map input of `eqn` (the first, if several)."""
+  return next(v.aval.shape for v, info in zip(eqn.invars, infos) if info is not None)
+
+
 class _Walker:
   """Data-flow walk of a jaxpr carrying, per value, (receptive field, jump) for
   spatial activations and a flag for 'direct output of a depthwise conv'."""
@@ -158,7 +163,12 @@ class _Walker:
     if name in ("reduce_sum", "reduce_mean") and {1, 2} <= axes:
       self.has_gap = True
     best = max(spatial, key=lambda i: i[0])
-    keeps_depthwise = len(eqn.invars) == 1 and best[2]
+    # A depthwise output stays "depthwise" through per-pixel ops on it alone (BatchNorm's
+    # scale and shift, ReLU, a cast: MobileNet's depthwise -> BN -> ReLU -> pointwise is
+    # still a separable conv), not through anything that mixes it with another feature
+    # map (a residual add) or changes its shape (pooling, a reshape).
+    same_shape = all(o.aval.shape == _spatial_shape(eqn, infos) for o in eqn.outvars)
+    keeps_depthwise = len(spatial) == 1 and best[2] and same_shape
     return (best[0], best[1], keeps_depthwise)
 
 

@@ -117,3 +117,34 @@ def test_checker_accepts_a_model_inside_every_rule():
 ])
 def test_checker_flags_each_broken_rule(model, rule):
   assert rule in failures(model)
+
+
+class DepthwiseThen(nn.Module):
+  """3x3 depthwise conv, then `between`, then a 1x1 conv: the separable forms, and near
+  misses that are not one."""
+  between: str = "nothing"
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(8, (3, 3), kernel_dilation=2)(x)
+    y = nn.Conv(8, (3, 3), feature_group_count=8)(x)
+    if self.between == "batchnorm_relu":  # MobileNet: depthwise -> BN -> ReLU -> pointwise.
+      y = nn.relu(nn.BatchNorm(use_running_average=not train)(y))
+    elif self.between == "residual":      # Another feature map mixed in first.
+      y = y + x
+    elif self.between == "gap":           # Pooled: a 1x1 on it is a dense classifier.
+      y = jnp.mean(y, axis=(1, 2), keepdims=True)
+    y = nn.Conv(16, (1, 1))(y)
+    return jnp.mean(y, axis=(1, 2))
+
+
+@pytest.mark.parametrize("between,separable", [
+    ("nothing", True), ("batchnorm_relu", True), ("residual", False), ("gap", False)])
+def test_separable_is_depthwise_then_pointwise_through_per_pixel_ops_only(between, separable):
+  report = receptive_field.analyse(DepthwiseThen(between), (16, 16, 3))
+  assert report.has_separable is separable
+  # Hand-worked: a 3x3 at dilation 2 (5), then a 3x3 (+2); the 1x1 adds nothing.
+  assert report.rf == 7
+  ops = [layer.op for layer in report.layers]
+  assert ops[:2] == ["dilated conv", "depthwise"]
+  assert ops[2] == ("pointwise (separable)" if separable else "pointwise")
