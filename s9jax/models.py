@@ -228,8 +228,9 @@ class S9Net(nn.Module):
 
 def create_model(model_config, conv_impl: str | None = None) -> nn.Module:
   """Builds the network a config names. `conv_impl` overrides the config's choice
-  (the constraint report always analyses the canonical 'lax' form)."""
-  impl = conv_impl or model_config.conv_impl
+  (the constraint report always analyses the canonical 'lax' form). 'auto' is resolved
+  here, once, so every layer of the network uses the same implementation."""
+  impl = ops.resolve(conv_impl or model_config.conv_impl)
   dtype = COMPUTE_DTYPES.get(model_config.get("dtype", "float32"))
   if dtype is None:
     raise ValueError(f"model.dtype must be one of {sorted(COMPUTE_DTYPES)}, "

@@ -43,8 +43,13 @@ IMPLEMENTATIONS = ("lax", "fast", "native", "auto")
 # default; its reductions cannot read a strided slice or fuse their producer, so every
 # BatchNorm statistic and kernel-gradient sum first wrote its operand to memory. Dots
 # only: s9net train step 922 -> 1003 images/s on the 2-core dev machine. It is an XLA:CPU
-# debug option, which GPU and TPU compilers do not read (not yet run on one here).
+# option, so `compiler_options` passes it to XLA:CPU alone.
 COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+
+
+def compiler_options(backend: str) -> dict:
+  """The jitted train step's compiler options on `backend` ('cpu', 'gpu', 'tpu')."""
+  return dict(COMPILER_OPTIONS) if backend == "cpu" else {}
 
 
 def _is_nhwc_hwio(dimension_numbers) -> bool:
@@ -345,6 +350,15 @@ def resolve(impl: str) -> str:
     raise ValueError("conv implementation 'native' needs the CPU backend and the C++ kernels, "
                      f"which are unavailable here: {native.unavailable_reason()}")
   return impl
+
+
+def describe(impl: str) -> str:
+  """What a resolved implementation computes convolutions and BatchNorm with, for the
+  line every run prints at its start."""
+  return {"lax": "conv lax.conv_general_dilated, BatchNorm flax.linen",
+          "fast": "conv XLA-fast forms (taps and matmuls), BatchNorm XLA-fast sums",
+          "native": "conv C++ kernels (depthwise, dense 3x3) + matmuls (1x1), "
+                    "BatchNorm C++ sums"}[impl]
 
 
 def conv_function(impl: str):

@@ -9,13 +9,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _to_display(images: np.ndarray, mean, std) -> np.ndarray:
+def to_display(images: np.ndarray, mean, std) -> np.ndarray:
   """Normalised float images back to [0, 1] for display."""
   return np.clip(images * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
 
 
 def image_grid(path, images, titles, mean, std, columns: int = 8, suptitle: str = ""):
-  images = _to_display(np.asarray(images), mean, std)
+  images = to_display(np.asarray(images), mean, std)
   rows = max(1, int(np.ceil(len(images) / columns)))
   fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.4, rows * 1.8))
   for ax in np.ravel(axes):
@@ -30,19 +30,25 @@ def image_grid(path, images, titles, mean, std, columns: int = 8, suptitle: str 
   plt.close(fig)
 
 
-def learning_curves(path, records: list[dict]):
+def learning_curves(path, records: list[dict], goal: float = 0.0):
+  """Train and validation curves by epoch, the test set's one point at the end; a
+  horizontal line at `goal` percent if one is given."""
   epochs = [r["epoch"] for r in records]
-  tested = [r for r in records if "test_accuracy" in r]  # See config.eval_every.
-  test_epochs = [r["epoch"] for r in tested]
   fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
-  loss_ax.plot(epochs, [r["train_loss"] for r in records], label="train")
-  loss_ax.plot(test_epochs, [r["test_loss"] for r in tested], marker=".", label="test")
+  for split, style in (("train", {}), ("val", {"marker": "."}), ("test", {"marker": "*",
+                                                                         "markersize": 10})):
+    kept = [r for r in records if f"{split}_loss" in r]
+    if not kept:
+      continue
+    x = [r["epoch"] for r in kept]
+    loss_ax.plot(x, [r[f"{split}_loss"] for r in kept], label=split, **style)
+    acc_ax.plot(x, [100 * r[f"{split}_accuracy"] for r in kept], label=split, **style)
+  if goal:
+    acc_ax.axhline(goal, color="grey", linestyle=":", linewidth=1, label=f"{goal:g}% goal")
   loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-  acc_ax.plot(epochs, [100 * r["train_accuracy"] for r in records], label="train")
-  acc_ax.plot(test_epochs, [100 * r["test_accuracy"] for r in tested], marker=".", label="test")
-  acc_ax.axhline(85.0, color="grey", linestyle=":", linewidth=1, label="85% goal")
   acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
   for ax in (loss_ax, acc_ax):
+    ax.set_xlim(0.5, max(epochs) + 0.5)
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()

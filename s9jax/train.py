@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
+import logging as pylogging
 import os
 import pathlib
 import shutil
@@ -30,7 +32,8 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from s9jax import host_memory, input_pipeline, models, ops, plots, receptive_field
+from s9jax import (host_memory, input_pipeline, metric_writers, models, ops, plots,
+                   receptive_field)
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_SLACK_BYTES = 1 << 20  # Orbax's metadata files, rounded up to pages.
@@ -97,7 +100,8 @@ def create_learning_rate_fn(config, steps_per_epoch: int):
     total = config.num_epochs * steps_per_epoch
     warmup = max(1, int(config.warmup_epochs * steps_per_epoch))
     return optax.join_schedules([
-        optax.linear_schedule(config.learning_rate / 10, config.learning_rate, warmup),
+        optax.linear_schedule(config.learning_rate * config.warmup_start, config.learning_rate,
+                              warmup),
         optax.linear_schedule(config.learning_rate, 0.0, max(1, total - warmup)),
     ], boundaries=[warmup])
   raise ConfigError(f"schedule must be 'constant' or 'onecycle', got {config.schedule!r}")
@@ -114,8 +118,9 @@ def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
       optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov))
 
 
-def create_train_state(config, rng, learning_rate_fn) -> TrainState:
-  model = models.create_model(config.model)
+def create_train_state(config, rng, learning_rate_fn, conv_impl: str | None = None) -> TrainState:
+  """`conv_impl` overrides the config's (a run passes the one it resolved)."""
+  model = models.create_model(config.model, conv_impl)
   size = config.augment.image_size
   variables = jax.jit(model.init, static_argnames="train")(
       {"params": rng}, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
@@ -129,9 +134,7 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
   return optax.softmax_cross_entropy(logits, targets)
 
 
-@functools.partial(jax.jit, static_argnames=("label_smoothing",), donate_argnums=0,
-                   compiler_options=ops.COMPILER_OPTIONS)
-def train_step(state: TrainState, batch, dropout_rng, label_smoothing: float = 0.0):
+def _train_step(state: TrainState, batch, dropout_rng, label_smoothing: float = 0.0):
   """One SGD step on one batch. Pure: the dropout key is folded with the step number,
   so a resumed run draws the same masks."""
   rng = jax.random.fold_in(dropout_rng, state.step)
@@ -149,29 +152,55 @@ def train_step(state: TrainState, batch, dropout_rng, label_smoothing: float = 0
   return state, {"loss": loss, "accuracy": accuracy}
 
 
+@functools.cache
+def jitted_train_step(backend: str):
+  """`_train_step` jitted for one backend: XLA:CPU's options only where XLA:CPU compiles.
+  Built on first use, not at import, so importing s9jax starts no backend (multi-host
+  runs must call jax.distributed.initialize() first)."""
+  return jax.jit(_train_step, static_argnames=("label_smoothing",), donate_argnums=0,
+                 compiler_options=ops.compiler_options(backend))
+
+
+def train_step(state: TrainState, batch, dropout_rng, label_smoothing: float = 0.0):
+  """`_train_step`, jitted with the default backend's compiler options."""
+  return jitted_train_step(jax.default_backend())(state, batch, dropout_rng, label_smoothing)
+
+
+def tta_logits(apply_fn, variables, images, flip: bool = False, translate: int = 0,
+               translate_weight: float = 0.5):
+  """Eval-mode logits of normalised NHWC `images`, averaged over the test-time
+  augmentations (see `eval_step`). Pure: the evaluation, `s9jax.load` and the exported
+  artifact all compute it."""
+
+  def predict(x):
+    logits = apply_fn(variables, x, train=False)
+    if flip:
+      logits = (logits + apply_fn(variables, x[:, :, ::-1], train=False)) / 2
+    return logits
+
+  logits = predict(images)
+  if translate:
+    t, (h, w) = translate, images.shape[1:3]
+    padded = jnp.pad(images, ((0, 0), (t, t), (t, t), (0, 0)), mode="reflect")
+    shifted = (predict(padded[:, :h, :w]) + predict(padded[:, 2 * t:, 2 * t:])) / 2
+    logits = (1 - translate_weight) * logits + translate_weight * shifted
+  return logits
+
+
 # Without COMPILER_OPTIONS: in a forward-only graph, YNNPACK dot fusions swallow the
 # depthwise taps and BatchNorm before each 1x1 and run them slowly; measured, the
 # default options evaluate 4x faster (flip-TTA on 10,000 images: 20.4 s -> 4.8 s).
-@functools.partial(jax.jit, static_argnames=("flip", "translate"))
-def eval_step(state: TrainState, batch, flip: bool = False, translate: int = 0):
+@functools.partial(jax.jit, static_argnames=("flip", "translate", "translate_weight"))
+def eval_step(state: TrainState, batch, flip: bool = False, translate: int = 0,
+              translate_weight: float = 0.5):
   """Sums over the unmasked examples, and each example's prediction, from the logits
   averaged over the test-time augmentations: with `flip`, the mirrored image; with
-  `translate`, airbench's weighting: half the original, a quarter each the image shifted
-  `translate` pixels up-left and down-right (reflect-padded), each with its mirror too."""
+  `translate`, the image shifted `translate` pixels up-left and down-right
+  (reflect-padded, each with its mirror too) weighs `translate_weight` together, the
+  original the rest (airbench: 0.5, so a quarter each shift)."""
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-
-  def predict(images):
-    logits = state.apply_fn(variables, images, train=False)
-    if flip:
-      logits = (logits + state.apply_fn(variables, images[:, :, ::-1], train=False)) / 2
-    return logits
-
-  logits = predict(batch["image"])
-  if translate:
-    t, (h, w) = translate, batch["image"].shape[1:3]
-    padded = jnp.pad(batch["image"], ((0, 0), (t, t), (t, t), (0, 0)), mode="reflect")
-    shifted = (predict(padded[:, :h, :w]) + predict(padded[:, 2 * t:, 2 * t:])) / 2
-    logits = (logits + shifted) / 2
+  logits = tta_logits(state.apply_fn, variables, batch["image"], flip, translate,
+                      translate_weight)
   mask = batch["mask"]
   predictions = jnp.argmax(logits, -1)
   return {"loss_sum": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
@@ -180,45 +209,49 @@ def eval_step(state: TrainState, batch, flip: bool = False, translate: int = 0):
 
 
 def evaluate(state, images, labels, batch_size: int, flip: bool, mesh=None,
-             translate: int = 0):
-  """Test loss, accuracy and every prediction, over the whole normalised split (each
-  host holds it all and evaluates its share of every batch)."""
+             translate: int = 0, split: str = "test", translate_weight: float = 0.5):
+  """`{split}_loss`, `{split}_accuracy` and every prediction, over the whole normalised
+  split (each host holds it all and evaluates its share of every batch)."""
   mesh = mesh or make_mesh(1)
   totals = {"loss_sum": 0.0, "correct": 0, "count": 0}
   predictions = []
   for batch in input_pipeline.eval_batches(images, labels, batch_size):
     sums, pred = eval_step(state, shard_batch({k: host_rows(v) for k, v in batch.items()},
-                                              mesh), flip=flip, translate=translate)
+                                              mesh), flip=flip, translate=translate,
+                                 translate_weight=translate_weight)
     for key, value in jax.device_get(sums).items():
       totals[key] += value
     predictions.append(multihost_utils.process_allgather(pred, tiled=True)[batch["mask"]])
   count = int(totals["count"])
-  return {"test_loss": float(totals["loss_sum"]) / count,
-          "test_accuracy": int(totals["correct"]) / count}, np.concatenate(predictions)
+  return {f"{split}_loss": float(totals["loss_sum"]) / count,
+          f"{split}_accuracy": int(totals["correct"]) / count}, np.concatenate(predictions)
 
 
 def evaluate_test_set(config, state, images, labels, mesh=None):
   """`evaluate` as the config asks: its eval batch size and test-time augmentations."""
   return evaluate(state, images, labels, config.eval_batch_size, config.eval_flip, mesh,
-                  config.eval_translate)
+                  config.eval_translate, translate_weight=config.eval_translate_weight)
 
 
 # ------------------------------------------------------------------ checkpoints, files
 
+BEST_METRIC = "val_accuracy"  # Never the test set's: it is read once, at the end.
+
+
 def checkpoint_manager(workdir, keep: int) -> ocp.CheckpointManager:
-  # Keep the latest `keep` and the best by test accuracy. Plain max_to_keep + best_fn
+  # Keep the latest `keep` and the best by validation accuracy. Plain max_to_keep + best_fn
   # would keep the best N and could delete the newest, so resume would go backwards.
   policy = ocp.checkpoint_managers.AnyPreservationPolicy([
       ocp.checkpoint_managers.LatestN(n=keep),
       # Mid-epoch checkpoints (SIGTERM) carry no metrics: once they fall out of the
       # latest N they go, instead of being kept forever.
-      ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["test_accuracy"], n=1,
+      ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
                                     keep_checkpoints_without_metrics=False),
   ])
   # A save killed before its final rename leaves only a *.orbax-checkpoint-tmp folder,
   # which is never read back; cleanup removes it on the next start.
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=policy, best_fn=lambda m: m["test_accuracy"], best_mode="max",
+      preservation_policy=policy, best_fn=lambda m: m[BEST_METRIC], best_mode="max",
       enable_async_checkpointing=False, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints",
                                options=options)
@@ -292,19 +325,46 @@ def write_metrics(workdir, records: list[dict]):
                    "".join(json.dumps(r) + "\n" for r in records))
 
 
+# Keys of the resumable sections that say where or how fast, not what is trained: a
+# resume may change them (the data moved, another machine, another implementation of
+# the same maths).
+RESUMABLE_CHANGES = ("data.workers", "data.data_dir", "data.source_path", "data.url",
+                     "data.md5", "model.conv_impl")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
 def check_workdir_config(workdir, config):
-  """A workdir belongs to one network and data source: resuming another is an error."""
+  """A workdir belongs to one network, data and augmentation: resuming it with another
+  is an error. Everything else (epochs, evaluation batch size, where the data lives, ...)
+  may change on resume. Writes nothing: see `write_workdir_config`."""
   path = pathlib.Path(workdir) / CONFIG_FILE
-  current = json.loads(config.to_json())
-  if path.exists():
-    previous = json.loads(path.read_text())
-    for section in ("model", "data", "augment"):
-      if previous.get(section) != current[section]:
-        raise ConfigError(
-            f"{workdir} holds a run with a different '{section}' config; use a new --workdir "
-            "(or delete that one) to train this config")
+  if not path.exists():
+    return
+  sections = ("model", "data", "augment")
+  previous = _flatten({k: v for k, v in json.loads(path.read_text()).items() if k in sections})
+  current = _flatten({k: v for k, v in json.loads(config.to_json()).items() if k in sections})
+  changed = sorted(k for k in previous.keys() | current.keys()
+                   if k not in RESUMABLE_CHANGES and previous.get(k) != current.get(k))
+  if changed:
+    raise ConfigError(
+        f"{workdir} holds a run with different {', '.join(changed)} "
+        f"(was {', '.join(repr(previous.get(k)) for k in changed)}); use a new --workdir "
+        "(or delete that one) to train this config")
+
+
+def write_workdir_config(workdir, config):
   if jax.process_index() == 0:  # One writer when several hosts share the workdir.
-    write_atomically(path, json.dumps(current, indent=2))
+    write_atomically(pathlib.Path(workdir) / CONFIG_FILE,
+                     json.dumps(json.loads(config.to_json()), indent=2))
 
 
 # ------------------------------------------------------------------ the loop
@@ -326,8 +386,8 @@ def validate_config(config):
                     f"got {config.progressive_size}")
   if not 0 <= config.progressive_epochs <= config.num_epochs:
     problems.append(f"progressive_epochs must be in [0, num_epochs], got {config.progressive_epochs}")
-  if config.eval_every < 1:
-    problems.append(f"eval_every must be >= 1, got {config.eval_every}")
+  if config.data.validation_size < 0:
+    problems.append(f"data.validation_size must be >= 0, got {config.data.validation_size}")
   if not 0 <= config.eval_translate < config.augment.image_size // 2:
     problems.append(f"eval_translate must be in [0, {config.augment.image_size // 2}), "
                     f"got {config.eval_translate}")
@@ -346,8 +406,11 @@ def validate_config(config):
 
 
 def constraint_report(config) -> receptive_field.Report:
+  """One line of S9 verdict (the full table: `python -m s9jax.summary`)."""
   report = receptive_field.analyse_config(config)
-  print(report.format(), flush=True)
+  verdict = "PASS" if report.passed else "FAIL: " + "; ".join(report.failures())
+  print(f"S9 rules {verdict} ({report.total_params:,} params, receptive field {report.rf})",
+        flush=True)
   if not report.passed and not config.allow_constraint_violation:
     raise ConfigError("the network breaks S9 constraints (" + "; ".join(report.failures())
                       + "); set --config.allow_constraint_violation=True to train it anyway")
@@ -384,18 +447,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
     return _train_and_evaluate(config, pathlib.Path(workdir), stop)
 
 
+def run_header(config, impl: str) -> str:
+  """The first line of every run: where it computes, and with what."""
+  devices = jax.devices()
+  used = config.num_devices or len(devices)
+  return (f"s9jax: jax {jax.__version__}, backend {jax.default_backend()}, {used} of "
+          f"{len(devices)} {devices[0].device_kind} device(s) over {jax.process_count()} "
+          f"process(es); conv_impl {config.model.conv_impl!r} -> {impl!r}: "
+          f"{ops.describe(impl)}")
+
+
+_DATA_BARRIERS = itertools.count()  # Barrier names are single-use: one per run, per process.
+
+
 def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]:
   validate_config(config)
-  workdir.mkdir(parents=True, exist_ok=True)
+  impl = ops.resolve(config.model.conv_impl)  # Once per run; create_model gets the result.
+  print(run_header(config, impl), flush=True)
   check_workdir_config(workdir, config)
   report = constraint_report(config)
   # With several hosts only the first writes files; Orbax coordinates the checkpoints.
   chief = jax.process_index() == 0
   make_plots = config.plots and chief
 
-  train_images, train_labels = input_pipeline.load_split(config.data, "train")
+  if jax.process_count() > 1:
+    # Processes on one machine share its data_dir: two preparing it at once collide
+    # (TFDS's final rename fails in the second). The chief prepares it first, the others
+    # wait at a barrier of the distributed service: a device collective would give up
+    # after gloo's 30 s, and a download takes longer.
+    try:
+      if chief:
+        input_pipeline.prepare(config.data)
+    finally:  # Reached on failure too: the others then fail alike, instead of waiting.
+      ocp.multihost.get_barrier_sync_fn()(
+          key=f"s9jax data prepared {next(_DATA_BARRIERS)}", timeout_ms=3_600_000)
+  images, labels = input_pipeline.load_split(config.data, "train")
   test_images, test_labels = input_pipeline.load_split(config.data, "test")
-  mean, std = input_pipeline.channel_stats(train_images)  # Train and test alike.
+  held_out = config.data.validation_size
+  if held_out and held_out + config.batch_size > len(images):
+    raise ConfigError(f"data.validation_size {held_out} leaves fewer than one batch of "
+                      f"{config.batch_size} of the {len(images):,} training images")
+  # The last `held_out` training images validate; the test set is read once, at the end.
+  train_images, train_labels = images[:len(images) - held_out], labels[:len(images) - held_out]
+  mean, std = input_pipeline.channel_stats(train_images)  # Train, validation, test alike.
+  val_inputs = input_pipeline.normalize(images[len(images) - held_out:], mean, std)
+  val_labels = labels[len(images) - held_out:]
   test_inputs = input_pipeline.normalize(test_images, mean, std)
   on_device = config.augment.backend == "jax"
   batches = input_pipeline.TrainBatches(
@@ -405,6 +501,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
       process_index=jax.process_index(), process_count=jax.process_count())
   mesh = make_mesh(config.num_devices)
   steps_per_epoch = batches.steps_per_epoch
+  workdir.mkdir(parents=True, exist_ok=True)
+  write_workdir_config(workdir, config)  # Only now: a run that could not start locks nothing.
 
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -423,8 +521,10 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
 
   # Placed on the mesh before any restore, so a checkpoint from any device count
   # restores onto this one.
-  state = jax.device_put(create_train_state(config, init_rng, learning_rate_fn), replicated(mesh))
+  state = jax.device_put(create_train_state(config, init_rng, learning_rate_fn, impl),
+                         replicated(mesh))
   manager = checkpoint_manager(workdir, config.checkpoint_keep)
+  board = metric_writers.open(workdir) if chief else None
   records = read_metrics(workdir)
   start_epoch, start_step, carried_metrics, carried_seconds, elapsed = 0, 0, [], 0.0, 0.0
   if manager.latest_step() is not None:
@@ -441,26 +541,32 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
     where = f", step {start_step} of epoch {start_epoch + 1}" if start_step else ""
     print(f"Resumed from {workdir} at epoch {start_epoch}{where} (step {int(state.step)}).",
           flush=True)
-  elif make_plots:
+  elif chief:
     preview = batches.preview(32)
     if augment:
       preview["image"] = np.asarray(augment(augment_rng, preview["image"]))
-    plots.image_grid(workdir / "augmentations.png", preview["image"],
-                     [input_pipeline.CLASS_NAMES[l] for l in preview["label"]], mean, std,
-                     suptitle="training augmentations (epoch 0)")
+    if board:
+      board.add_images("augmentations", plots.to_display(preview["image"], mean, std), 0,
+                       dataformats="NHWC")
+    if make_plots:
+      plots.image_grid(workdir / "augmentations.png", preview["image"],
+                       [input_pipeline.CLASS_NAMES[l] for l in preview["label"]], mean, std,
+                       suptitle="training augmentations (epoch 0)")
 
   print(f"Training {config.model.name}: {report.total_params:,} params, "
-        f"{len(train_images):,} train / {len(test_images):,} test images, "
-        f"{steps_per_epoch} steps of {config.batch_size} per epoch, "
-        f"epochs {start_epoch + 1}..{config.num_epochs}, backend {jax.default_backend()}",
-        flush=True)
+        f"{len(train_images):,} train / {len(val_labels):,} validation / "
+        f"{len(test_images):,} test images, {steps_per_epoch} steps of {config.batch_size} "
+        f"per epoch, epochs {start_epoch + 1}..{config.num_epochs}", flush=True)
   meta_common = {"mean": mean.tolist(), "std": std.tolist(), "config": config.to_dict()}
+  predictions = None
   for epoch in range(start_epoch + 1, config.num_epochs + 1):
     started = time.time() - carried_seconds
     step_metrics, carried_metrics, carried_seconds = carried_metrics, [], 0.0
+    # Progress on stderr, in images: a log of stdout holds only the epoch lines.
     bar = tqdm(batches.epoch(epoch, start_step), initial=start_step, total=steps_per_epoch,
                desc=f"epoch {epoch}/{config.num_epochs}", leave=False, dynamic_ncols=True,
-               mininterval=2.0, file=sys.stdout)
+               mininterval=2.0, file=sys.stderr, unit="img", unit_scale=config.batch_size,
+               disable=not chief)
     for i, batch in enumerate(bar, start=start_step):
       batch = device_batch(batch, epoch, (epoch - 1) * steps_per_epoch + i)
       state, metrics = train_step(state, batch, dropout_rng, config.label_smoothing)
@@ -477,9 +583,11 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
             "epoch_seconds_so_far": time.time() - started, **meta_common})
         raise Interrupted(f"stopped by signal at epoch {epoch}, step {i + 1}/{steps_per_epoch}: "
                           f"saved checkpoint {int(state.step)}; rerun the same command to resume")
+    trained_steps = steps_per_epoch - start_step
     start_step = 0
     bar.close()
     step_metrics = jax.device_get(step_metrics)
+    train_seconds = time.time() - started
     losses = np.array([m["loss"] for m in step_metrics])
     if not np.all(np.isfinite(losses)):
       bad = int(np.flatnonzero(~np.isfinite(losses))[0])
@@ -490,42 +598,56 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
     # float32 throughout, so a mean over steps carried through a resume is bit-identical.
     train_metrics = {k: float(np.mean(np.asarray([m[k] for m in step_metrics], np.float32)))
                      for k in ("loss", "accuracy")}
+    # Validation every epoch, without test-time augmentation (cheap); it alone picks the
+    # best checkpoint. The test set is read once, after the last epoch, as the config asks.
+    val_metrics = {}
+    if held_out:
+      val_metrics, _ = evaluate(state, val_inputs, val_labels, config.eval_batch_size,
+                                flip=False, mesh=mesh, split="val")
     test_metrics = {}
-    if epoch % config.eval_every == 0 or epoch == config.num_epochs:
+    if epoch == config.num_epochs:
       test_metrics, predictions = evaluate_test_set(config, state, test_inputs, test_labels,
                                                     mesh)
     seconds = time.time() - started
     elapsed += seconds
     record = {"epoch": epoch, "step": int(state.step),
               "train_loss": train_metrics["loss"], "train_accuracy": train_metrics["accuracy"],
-              **test_metrics,
+              **val_metrics, **test_metrics,
               "learning_rate": float(learning_rate_fn(int(state.step) - 1)),
+              "images_per_second": round(trained_steps * config.batch_size / train_seconds, 1),
               "epoch_seconds": round(seconds, 2), "elapsed_seconds": round(elapsed, 2)}
     save_checkpoint(manager, state, {"epoch": epoch, "record": record, **meta_common},
-                    metrics={"test_accuracy": record["test_accuracy"]} if test_metrics else None)
+                    metrics={BEST_METRIC: record[BEST_METRIC]} if val_metrics else None)
     records.append(record)
     if chief:
       write_metrics(workdir, records)
+      metric_writers.write_record(board, record)
     if make_plots:
-      plots.learning_curves(workdir / "learning_curves.png", records)
-    tested = (f"  test loss {record['test_loss']:.4f} acc {100 * record['test_accuracy']:.2f}%"
-              if test_metrics else "")
-    print(f"epoch {epoch:3d}  train loss {record['train_loss']:.4f} acc {100 * record['train_accuracy']:.2f}%"
-          f"{tested}"
-          f"  lr {record['learning_rate']:.4f}  {seconds:.1f}s (total {elapsed / 60:.1f} min)",
-          flush=True)
+      plots.learning_curves(workdir / "learning_curves.png", records, config.plot_goal)
+    shown = "".join(f"  {name} loss {record[f'{key}_loss']:.4f} acc "
+                    f"{100 * record[f'{key}_accuracy']:.2f}%"
+                    for key, name in (("val", "val"), ("test", "test"))
+                    if f"{key}_accuracy" in record)
+    print(f"epoch {epoch:3d}  train loss {record['train_loss']:.4f} acc "
+          f"{100 * record['train_accuracy']:.2f}%{shown}  lr {record['learning_rate']:.4f}  "
+          f"{seconds:.1f}s (total {elapsed / 60:.1f} min)", flush=True)
     if stop and epoch < config.num_epochs:
       raise Interrupted(f"stopped by signal after epoch {epoch}: saved checkpoint "
                         f"{int(state.step)}; rerun the same command to resume")
 
+  if board:
+    board.close()
+  if config.plots and records and predictions is None:  # Nothing trained in this process.
+    # Every process: the evaluation is a computation over the global mesh, which would
+    # wait forever for hosts that skipped it.
+    _, predictions = evaluate_test_set(config, state, test_inputs, test_labels, mesh)
   if make_plots and records:
-    if start_epoch >= config.num_epochs:  # Nothing trained in this process.
-      _, predictions = evaluate_test_set(config, state, test_inputs, test_labels, mesh)
     wrong = np.flatnonzero(predictions != test_labels)[:32]
     names = input_pipeline.CLASS_NAMES
     plots.image_grid(workdir / "misclassified.png", test_inputs[wrong],
                      [f"{names[predictions[i]]}\n(true {names[test_labels[i]]})" for i in wrong],
                      mean, std, suptitle="misclassified test images: predicted (true)")
+  batches.close()
   manager.close()
   return records
 
@@ -538,7 +660,10 @@ FLAGS = flags.FLAGS
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parser for the CLIs, with one-line errors for a bad --config.
   ml_collections reports a misspelt --config.key as an AttributeError traceback and a
-  config file that fails to load only when first read; both are caught here."""
+  config file that fails to load only when first read; both are caught here. Also
+  silences JAX's probe of absent backends ("Unable to initialize backend 'tpu'"): noise
+  on every machine without that backend, and the run's first line says what it uses."""
+  pylogging.getLogger("jax._src.xla_bridge").setLevel(pylogging.WARNING)
   try:
     rest = FLAGS(argv)
     if "config" in FLAGS:
@@ -562,8 +687,20 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
   host_memory.reuse_freed_memory()  # Before JAX starts its CPU client.
-  if FLAGS.distributed:
-    jax.distributed.initialize()  # Before any other JAX call: joins this host to the job.
+  given = {name: FLAGS[name].value for name in ("coordinator_address", "num_processes",
+                                                "process_id") if FLAGS[name].value is not None}
+  if given and not FLAGS.distributed:
+    raise app.UsageError(f"--{' --'.join(given)} need --distributed")
+  if FLAGS.distributed:  # Before any other JAX call: joins this process to the job.
+    host = given.get("coordinator_address", "").rpartition(":")[0].strip("[]")
+    if host in ("127.0.0.1", "localhost", "::1"):
+      # Processes on one machine: the coordinator listens there, not on every interface.
+      given["coordinator_bind_address"] = given["coordinator_address"]
+    platform = (jax.config.jax_platforms or "cpu").split(",")[0]  # Read, not started.
+    if given.get("num_processes", 1) > 1 and platform == "cpu":
+      # Cross-process collectives on CPU (gloo, over TCP; JAX 0.10's default, made explicit).
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**given)  # No arguments: detected (Cloud TPU, Slurm, ...).
   try:
     records = train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ConfigError, TrainingDiverged, CheckpointWriteError, input_pipeline.DataError) as e:
@@ -577,12 +714,14 @@ def main(argv):
   except Interrupted as e:
     print(str(e), file=sys.stderr)
     sys.exit(130)
-  tested = [r for r in records if "test_accuracy" in r]
-  if tested:  # The last epoch always is.
-    best = max(tested, key=lambda r: r["test_accuracy"])
-    print(f"Done: final test accuracy {100 * tested[-1]['test_accuracy']:.2f}%, best "
-          f"{100 * best['test_accuracy']:.2f}% (epoch {best['epoch']}), "
-          f"{records[-1]['elapsed_seconds'] / 60:.1f} min of training. Workdir: {FLAGS.workdir}")
+  if records and "test_accuracy" in records[-1]:  # The last epoch always is.
+    validated = [r for r in records if "val_accuracy" in r]
+    best = max(validated, key=lambda r: r["val_accuracy"]) if validated else None
+    print(f"Done: final test accuracy {100 * records[-1]['test_accuracy']:.2f}%"
+          + (f" (best validation {100 * best['val_accuracy']:.2f}% at epoch {best['epoch']})"
+             if best else "")
+          + f", {records[-1]['elapsed_seconds'] / 60:.1f} min of training. "
+          f"Workdir: {FLAGS.workdir}")
 
 
 def define_flags():
@@ -591,6 +730,11 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots.")
   flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() "
                     "first (run the same command on every host).")
+  # Where the cluster is not detected (e.g. several processes on one machine):
+  flags.DEFINE_string("coordinator_address", None, "With --distributed: process 0's "
+                      "host:port, the same for every process (127.0.0.1:PORT on one machine).")
+  flags.DEFINE_integer("num_processes", None, "With --distributed: how many processes.")
+  flags.DEFINE_integer("process_id", None, "With --distributed: this one's, 0..num_processes-1.")
 
 
 if __name__ == "__main__":

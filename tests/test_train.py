@@ -73,7 +73,7 @@ def test_checkpoint_round_trip_gives_identical_params_and_eval(tiny_archive, tmp
   manager = train.checkpoint_manager(tmp_path / "work", keep=2)
   manager.save(1, args=train.ocp.args.Composite(
       state=train.ocp.args.StandardSave(state), meta=train.ocp.args.JsonSave({"epoch": 1})),
-      metrics={"test_accuracy": 0.5})
+      metrics={"val_accuracy": 0.5})
   manager.wait_until_finished()
   restored, meta = train.restore_checkpoint(manager, 1, tiny_state(config))
   manager.close()
@@ -92,13 +92,34 @@ def test_training_refuses_a_network_that_breaks_the_rules(tiny_archive, tmp_path
     train.train_and_evaluate(config, tmp_path / "work")
 
 
-def test_workdir_of_another_network_is_not_resumed(tiny_archive, tmp_path):
+def test_workdir_refuses_another_network_or_augmentation_but_not_where_or_how_fast(
+    tiny_archive, tmp_path):
   work = tmp_path / "work"
   work.mkdir()
-  other = tiny_config(tiny_archive, tmp_path / "tfds", **{"model.stem_width": 16})
-  train.check_workdir_config(work, other)
-  with pytest.raises(train.ConfigError, match="different 'model' config"):
+  first = tiny_config(tiny_archive, tmp_path / "tfds", **{"model.stem_width": 16})
+  train.check_workdir_config(work, first)  # No config.json yet: anything goes.
+  train.write_workdir_config(work, first)
+  moved = tiny_config(tiny_archive, tmp_path / "elsewhere", eval_batch_size=4,
+                      **{"model.stem_width": 16, "data.workers": 2, "model.conv_impl": "lax",
+                         "data.source_path": str(tmp_path / "copy.tar.gz")})
+  train.check_workdir_config(work, moved)
+  with pytest.raises(train.ConfigError, match="different model.stem_width .*was 16"):
     train.check_workdir_config(work, tiny_config(tiny_archive, tmp_path / "tfds"))
+  with pytest.raises(train.ConfigError, match="different augment.hflip_p"):
+    train.check_workdir_config(work, tiny_config(tiny_archive, tmp_path / "tfds", **{
+        "model.stem_width": 16, "augment.hflip_p": 0.0}))
+
+
+def test_a_run_that_cannot_start_leaves_the_workdir_usable(tiny_archive, tmp_path):
+  work = tmp_path / "work"
+  missing = tiny_config(tiny_archive, tmp_path / "tfds",
+                        **{"data.source_path": str(tmp_path / "missing.tar.gz")})
+  with pytest.raises(input_pipeline.DataError):
+    train.train_and_evaluate(missing, work)
+  assert not (work / train.CONFIG_FILE).exists()
+  records = train.train_and_evaluate(tiny_config(tiny_archive, tmp_path / "tfds", plots=False),
+                                     work)
+  assert [r["epoch"] for r in records] == [1]
 
 
 def run_module(module, *args) -> subprocess.CompletedProcess:
@@ -121,14 +142,15 @@ def tiny_cli_flags(tiny_archive, data_dir, work, *extra):
           "--config.data.train_limit=0", "--config.data.test_limit=0",
           "--config.batch_size=10", "--config.eval_batch_size=8",
           "--config.model.stem_width=8", "--config.model.widths=(8,16,16)",
-          "--config.model.depths=(1,1,1)", *extra]
+          "--config.model.depths=(1,1,1)", "--config.data.validation_size=0", *extra]
 
 
 def test_cli_trains_resumes_and_eval_restores_the_same_accuracy(tiny_archive, tmp_path):
   work = tmp_path / "work"
   flags = tiny_cli_flags(tiny_archive, tmp_path / "tfds", work)
   out = run_cli("s9jax.train", *flags)
-  assert "PASS  receptive field > 44" in out and "epoch   1" in out
+  assert "S9 rules PASS" in out and "epoch   1" in out
+  assert "backend cpu" in out.splitlines()[0] and "conv_impl 'auto' -> " in out.splitlines()[0]
   for name in ("augmentations.png", "learning_curves.png", "misclassified.png", "config.json"):
     assert (work / name).exists(), name
 
@@ -155,7 +177,8 @@ def test_cli_trains_resumes_and_eval_restores_the_same_accuracy(tiny_archive, tm
     ({"augment.backend": "gpu"}, "augment.backend must be 'albumentations' or 'jax'"),
     ({"progressive_epochs": 1, "progressive_size": 4}, "progressive_size must be in"),
     ({"progressive_epochs": 2, "progressive_size": 16}, "progressive_epochs must be in"),
-    ({"eval_every": 0}, "eval_every must be >= 1"),
+    ({"data.validation_size": -1}, "validation_size must be >= 0"),
+    ({"data.validation_size": 25}, "leaves fewer than one batch of 10"),
     ({"eval_translate": 16}, "eval_translate must be in"),
 ])
 def test_invalid_values_are_refused_before_any_work(tiny_archive, tmp_path, override, message):
@@ -203,7 +226,8 @@ def test_sigterm_mid_epoch_saves_and_resume_gives_the_same_metrics(tiny_archive,
 
 
 def without_timings(records):
-  return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in records]
+  return [{k: v for k, v in r.items() if not k.endswith(("_seconds", "_per_second"))}
+          for r in records]
 
 
 def saved_tiny_checkpoint(tiny_archive, tmp_path):
@@ -211,7 +235,7 @@ def saved_tiny_checkpoint(tiny_archive, tmp_path):
   manager = train.checkpoint_manager(tmp_path / "work", keep=2)
   manager.save(1, args=train.ocp.args.Composite(
       state=train.ocp.args.StandardSave(tiny_state(config)),
-      meta=train.ocp.args.JsonSave({"epoch": 1})), metrics={"test_accuracy": 0.1})
+      meta=train.ocp.args.JsonSave({"epoch": 1})), metrics={"val_accuracy": 0.1})
   manager.wait_until_finished()
   return config, manager
 
@@ -334,7 +358,10 @@ def test_disk_full_while_checkpointing_then_rerun_after_freeing_space(
 
   filler.unlink()
   run_cli("s9jax.train", *flags, "--config.num_epochs=3")
-  assert without_timings(train.read_metrics(work)) == without_timings(uninterrupted_cli_run)
+  records = without_timings(train.read_metrics(work))
+  # Epoch 1 was the first run's last, so it alone also read the test set then.
+  assert records[0].pop("test_accuracy") is not None and records[0].pop("test_loss")
+  assert records == without_timings(uninterrupted_cli_run)
 
 
 def test_device_augmentation_backend_trains_reproducibly(tiny_archive, tmp_path):
@@ -347,28 +374,35 @@ def test_device_augmentation_backend_trains_reproducibly(tiny_archive, tmp_path)
   assert without_timings(train.train_and_evaluate(config, tmp_path / "b")) == without_timings(first)
 
 
-def test_progressive_resizing_trains_small_then_evaluates_full_size_every_nth_epoch(
+def test_progressive_resizing_trains_small_then_validates_every_epoch_and_tests_once(
     tiny_archive, tmp_path, monkeypatch):
-  config = tiny_config(tiny_archive, tmp_path / "tfds", num_epochs=3, eval_every=2,
-                       progressive_epochs=1, progressive_size=16)
-  seen = []
-  step = train.train_step
+  config = tiny_config(tiny_archive, tmp_path / "tfds", num_epochs=3, progressive_epochs=1,
+                       progressive_size=16, **{"data.validation_size": 10})
+  seen, evaluated = [], []
+  step, evaluate = train.train_step, train.evaluate
 
   def recording_step(state, batch, *args):
     seen.append(batch["image"].shape[1:3])
     return step(state, batch, *args)
 
+  def recording_evaluate(state, images, labels, *args, **kwargs):
+    evaluated.append((kwargs.get("split", "test"), len(images)))
+    return evaluate(state, images, labels, *args, **kwargs)
+
   monkeypatch.setattr(train, "train_step", recording_step)
+  monkeypatch.setattr(train, "evaluate", recording_evaluate)
   work = tmp_path / "work"
   records = train.train_and_evaluate(config, work)
   per_epoch = len(seen) // 3
-  assert per_epoch > 0 and seen == [(16, 16)] * per_epoch + [(32, 32)] * 2 * per_epoch
-  # Evaluated after epoch 2 (every 2nd) and 3 (the last) only; the best checkpoint is
-  # chosen among those, and the curves plot what there is.
-  assert ["test_accuracy" in r for r in records] == [False, True, True]
-  assert all(np.isfinite(r["test_loss"]) for r in records[1:])
+  assert per_epoch == 2 and seen == [(16, 16)] * per_epoch + [(32, 32)] * 2 * per_epoch
+  # The 10 held-out images validate after every epoch; the 20 test images are read once,
+  # after the last, and the best checkpoint is chosen by validation accuracy alone.
+  assert evaluated == [("val", 10), ("val", 10), ("val", 10), ("test", 20)]
+  assert ["val_accuracy" in r for r in records] == [True, True, True]
+  assert ["test_accuracy" in r for r in records] == [False, False, True]
   manager = train.checkpoint_manager(work, config.checkpoint_keep)
-  assert manager.best_step() in (records[1]["step"], records[2]["step"])
+  best = max(records, key=lambda r: r["val_accuracy"])  # First of equals, as Orbax keeps.
+  assert manager.best_step() == best["step"]
   manager.close()
   assert (work / "learning_curves.png").exists()
 
@@ -381,7 +415,10 @@ def test_translate_tta_averages_shifted_and_mirrored_logits(tiny_archive, tmp_pa
   variables = {"params": state.params, "batch_stats": state.batch_stats}
 
   def flip_averaged(x):
-    return (np.asarray(state.apply_fn(variables, x)) + state.apply_fn(variables, x[:, :, ::-1])) / 2
+    # NumPy on both sides: pytest.approx reads `.flat` of its expected value, which JAX
+    # arrays do not implement (pytest >= 9.1).
+    return (np.asarray(state.apply_fn(variables, x))
+            + np.asarray(state.apply_fn(variables, x[:, :, ::-1]))) / 2
 
   padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
   expected = (flip_averaged(images) / 2 + flip_averaged(padded[:, :32, :32]) / 4
@@ -399,3 +436,36 @@ def test_resize_batch_keeps_flat_images_flat_and_the_mean():
   assert small.shape == (2, 24, 24, 3)
   np.testing.assert_allclose(small[1], 0.25, atol=1e-6)
   np.testing.assert_allclose(small[0].mean(axis=(0, 1)), images[0].mean(axis=(0, 1)), atol=0.02)
+
+
+def tensorboard_scalars(logdir) -> dict:
+  """{tag: [(step, value), ...]} read back from tensorboardX's event files (TFRecord
+  framing: length, its CRC, an Event proto, its CRC)."""
+  from tensorboardX.proto import event_pb2
+  scalars, images = {}, []
+  for path in sorted(logdir.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    offset = 0
+    while offset < len(data):
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        if value.HasField("image"):
+          images.append(value.tag)
+        else:
+          scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars, images
+
+
+def test_tensorboard_events_hold_every_epoch_record(tiny_archive, tmp_path):
+  config = tiny_config(tiny_archive, tmp_path / "tfds", num_epochs=2, plots=False,
+                       **{"data.validation_size": 10})
+  work = tmp_path / "work"
+  records = train.train_and_evaluate(config, work)
+  scalars, images = tensorboard_scalars(work / "tensorboard")
+  assert images == ["augmentations"]
+  for key, tag in (("train_loss", "loss/train"), ("val_accuracy", "accuracy/val"),
+                   ("learning_rate", "learning_rate"), ("images_per_second", "images_per_second")):
+    assert scalars[tag] == [(r["epoch"], pytest.approx(r[key], rel=1e-6)) for r in records]
+  assert scalars["accuracy/test"] == [(2, pytest.approx(records[-1]["test_accuracy"]))]
