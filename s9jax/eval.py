@@ -1,11 +1,15 @@
 """Restore a trained checkpoint and evaluate it on the test split.
 
-    python -m s9jax.eval --config configs/base.py --workdir runs/base [--checkpoint best|latest|STEP]
+    python -m s9jax.eval --workdir runs/base [--checkpoint final|best|STEP]
+    python -m s9jax.eval --workdir runs/base --config configs/base.py --config.data.source_path=...
 
 Prints test loss, accuracy and per-class accuracy; writes eval.json and
-confusion_matrix.png into the workdir. The numbers come from the same `evaluate` as
-training, with the data statistics stored in the checkpoint, so they match the
-accuracy recorded for that checkpoint.
+confusion_matrix.png into the workdir. The network and data come from the workdir's
+config.json (the config it was trained with); `--config` replaces it, with overrides,
+e.g. to read the data from elsewhere. The default checkpoint is the final one: the test
+set does not choose checkpoints ('best' is by validation accuracy). The numbers come from
+the same `evaluate` as training, with the data statistics stored in the checkpoint, so
+they match the accuracy recorded for that checkpoint.
 """
 
 from __future__ import annotations
@@ -14,40 +18,23 @@ import json
 import pathlib
 import sys
 
-import jax
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from s9jax import host_memory, input_pipeline, plots, train
+from s9jax import host_memory, inference, input_pipeline, plots, train
 
 FLAGS = flags.FLAGS
 
 
-def pick_step(manager, which: str) -> int:
-  steps = manager.all_steps()
-  if not steps:
-    raise train.ConfigError(f"no checkpoints in {manager.directory}: train first")
-  if which == "best":
-    return manager.best_step()
-  if which == "latest":
-    return manager.latest_step()
-  if which.isdigit() and int(which) in steps:
-    return int(which)
-  raise train.ConfigError(f"--checkpoint must be 'best', 'latest' or one of {sorted(steps)}")
-
-
-def evaluate_checkpoint(config, workdir, which: str = "best") -> dict:
+def evaluate_checkpoint(config, workdir, which: str = "final") -> dict:
+  """Test metrics of checkpoint `which` ('final', 'best' or a step) of a workdir, with
+  `config` (None: the workdir's own, from its config.json)."""
   workdir = pathlib.Path(workdir)
-  manager = train.checkpoint_manager(workdir, config.checkpoint_keep)
-  step = pick_step(manager, which)
+  config = inference.load_config(workdir) if config is None else config
   mesh = train.make_mesh(config.num_devices)
-  state = jax.device_put(train.create_train_state(config, jax.random.PRNGKey(0),
-                                                  train.create_learning_rate_fn(config, 1)),
-                         train.replicated(mesh))
-  state, meta = train.restore_checkpoint(manager, step, state)
-  manager.close()
-  mean, std = np.asarray(meta["mean"]), np.asarray(meta["std"])
+  config, state, mean, std, meta = inference.restore(workdir, which, config=config, mesh=mesh)
+  step = int(state.step)
   images, labels = input_pipeline.load_split(config.data, "test")
   inputs = input_pipeline.normalize(images, mean, std)
   metrics, predictions = train.evaluate_test_set(config, state, inputs, labels, mesh)
@@ -57,6 +44,7 @@ def evaluate_checkpoint(config, workdir, which: str = "best") -> dict:
   result = {"checkpoint": which, "step": step, "epoch": meta["epoch"], **metrics,
             # None for a checkpoint saved mid-epoch on SIGTERM/Ctrl-C.
             "recorded_test_accuracy": meta.get("record", {}).get("test_accuracy"),
+            "recorded_val_accuracy": meta.get("record", {}).get("val_accuracy"),
             "per_class_accuracy": {n: float(matrix[i, i] / matrix[i].sum())
                                    for i, n in enumerate(names)},
             "confusion_matrix": matrix.tolist()}
@@ -71,11 +59,15 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   host_memory.reuse_freed_memory()  # Before JAX starts its CPU client.
   try:
-    result = evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
+    config = FLAGS.config if "config" in FLAGS else None  # None: the workdir's config.json.
+    result = evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint)
   except (train.ConfigError, input_pipeline.DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(f"checkpoint {result['checkpoint']} (epoch {result['epoch']}, step {result['step']})")
+  validated = result["recorded_val_accuracy"]
+  print(f"checkpoint {result['checkpoint']} (epoch {result['epoch']}, step {result['step']}"
+        + (f", validation accuracy {100 * validated:.2f}%" if validated is not None else "")
+        + ")")
   recorded = result["recorded_test_accuracy"]
   print(f"test loss {result['test_loss']:.4f}  test accuracy {100 * result['test_accuracy']:.2f}%"
         + (f"  (recorded in training: {100 * recorded:.2f}%)" if recorded is not None else ""))
@@ -84,15 +76,28 @@ def main(argv):
   print(f"wrote {pathlib.Path(FLAGS.workdir) / 'eval.json'} and confusion_matrix.png")
 
 
-def define_flags():
-  """Defined only when run as a program, so modules can import each other."""
-  config_flags.DEFINE_config_file("config", None, "Config the run was trained with.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
-  flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+def config_given(argv: list[str]) -> bool:
+  """Whether the command line names a --config file."""
+  return any(arg.split("=")[0].lstrip("-") == "config" for arg in argv[1:])
+
+
+def define_flags(with_config: bool = True):
+  """Defined only when run as a program, so modules can import each other. The config
+  flag only when a --config is given: train.parse_flags reads it whenever it exists."""
+  if with_config:
+    config_flags.DEFINE_config_file("config", None, "Config to evaluate with, instead of "
+                                    "the workdir's config.json.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Training workdir holding config.json and checkpoints/.")
+  flags.DEFINE_string("checkpoint", "final", f"Which checkpoint: {inference.CHECKPOINTS}.")
 
 
 if __name__ == "__main__":
-  define_flags()
-  flags.mark_flags_as_required(["config", "workdir"])
+  with_config = config_given(sys.argv)
+  override = next((arg for arg in sys.argv[1:] if arg.startswith("--config.")), None)
+  if override and not with_config:
+    print(f"error: {override.split('=')[0]} overrides a --config: give --config FILE too "
+          "(without one, the workdir's config.json is used as trained)", file=sys.stderr)
+    sys.exit(2)
+  define_flags(with_config)
+  flags.mark_flags_as_required(["workdir"])
   app.run(main, flags_parser=train.parse_flags)
