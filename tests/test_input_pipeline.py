@@ -105,6 +105,9 @@ def test_train_transform_keeps_shape_and_dtype_and_normalises():
   image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
   out = transform(image=image)["image"]
   assert out.shape == (32, 32, 3) and out.dtype == np.float32
+  # With nothing random drawn, exactly (x / 255 - mean) / std, channel by channel.
+  plain = input_pipeline.train_transform(only(), MEAN, STD)(image=image)["image"]
+  np.testing.assert_allclose(plain, (image / 255.0 - MEAN) / STD, rtol=1e-5, atol=1e-5)
 
 
 def test_coarse_dropout_is_one_16x16_hole_of_the_dataset_mean():

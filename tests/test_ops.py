@@ -115,17 +115,29 @@ def test_native_on_wide_odd_shapes_matches_lax(x_shape, w_shape, groups, toleran
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=tolerance)
 
 
-def test_auto_picks_native_on_one_cpu_device_and_rejects_unknown(monkeypatch):
-  if jax.default_backend() == "cpu" and jax.device_count() == 1:
-    assert ops.resolve("auto") == ("native" if native.available() else "fast")
-    monkeypatch.setattr(native, "available", lambda: False)
-    assert ops.resolve("auto") == "fast"
-    with pytest.raises(ValueError, match="'native' needs"):
-      ops.resolve("native")
-  else:
-    assert ops.resolve("auto") == ("fast" if jax.default_backend() == "cpu" else "lax")
+@pytest.mark.parametrize("backend,devices,kernels,expected", [
+    ("cpu", 1, True, "native"), ("cpu", 1, False, "fast"), ("cpu", 8, True, "fast"),
+    ("gpu", 1, True, "lax"), ("tpu", 4, False, "lax")])
+def test_auto_picks_by_backend_device_count_and_kernels(monkeypatch, backend, devices, kernels,
+                                                        expected):
+  # The backend and device count stood in for, so every branch runs on this machine.
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  monkeypatch.setattr(jax, "device_count", lambda: devices)
+  monkeypatch.setattr(native, "available", lambda: kernels)
+  assert ops.resolve("auto") == expected
+
+
+def test_native_without_kernels_and_unknown_names_are_refused(monkeypatch):
+  monkeypatch.setattr(native, "available", lambda: False)
+  with pytest.raises(ValueError, match="'native' needs"):
+    ops.resolve("native")
   with pytest.raises(ValueError, match="conv implementation"):
     ops.resolve("cudnn")
+
+
+def test_compiler_options_are_xla_cpus_alone():
+  assert ops.compiler_options("cpu") == ops.COMPILER_OPTIONS
+  assert ops.compiler_options("gpu") == ops.compiler_options("tpu") == {}
 
 
 def test_failed_native_build_says_why(monkeypatch, tmp_path):
