@@ -1,11 +1,11 @@
-"""Data parallelism on 8 simulated CPU devices. Each test runs a script in a fresh
-process started with 8 host devices (the rest of the suite keeps one device)."""
+"""Data parallelism on 8 simulated CPU devices: one script in a fresh process started
+with 8 host devices (the rest of the suite keeps one device) runs every drill, and each
+test reads its part of the results."""
 
 import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -22,44 +22,78 @@ assert jax.device_count() == 8
 """
 
 
-def run_on_8_devices(script: str, tmp_path, *args) -> dict:
-  path = tmp_path / "script.py"
-  path.write_text(PRELUDE + textwrap.dedent(script))
+# One process for every drill: its interpreter start and compiles are the cost.
+SCRIPT = """
+import numpy as np
+from s9jax import eval as evaluation
+archive, base = sys.argv[1], sys.argv[2]
+out = {}
+
+# One step from the same state on 1 and 8 devices: the exact semantics (BatchNorm
+# statistics and the gradient over the global batch), free of the drift a whole run
+# amplifies. Then two epochs on each.
+config = tiny_config(archive, base + "/tfds", batch_size=16)
+rng = np.random.default_rng(0)
+batch = {"image": rng.normal(0.3, 1.0, (16, 32, 32, 3)).astype(np.float32),
+         "label": rng.integers(0, 10, 16).astype(np.int32)}
+steps, runs = {}, {}
+for n in (1, 8):
+  mesh = train.make_mesh(n)
+  state = jax.device_put(
+      train.create_train_state(config, jax.random.PRNGKey(0),
+                               train.create_learning_rate_fn(config, 10)),
+      train.replicated(mesh))
+  state, metrics = train.train_step(state, train.shard_batch(batch, mesh),
+                                    jax.random.PRNGKey(1), config.label_smoothing)
+  leaves = jax.tree.leaves((metrics["loss"], state.params, state.batch_stats))
+  steps[n] = [np.asarray(leaf).ravel().tolist() for leaf in jax.device_get(leaves)]
+  run_config = tiny_config(archive, base + "/tfds", num_devices=n, batch_size=16,
+                           eval_batch_size=16, num_epochs=2, plots=False)
+  records = train.train_and_evaluate(run_config, f"{base}/work{n}")
+  runs[n] = [{k: v for k, v in r.items() if not k.endswith(("_seconds", "_per_second"))}
+             for r in records]
+out["steps"], out["runs"] = steps, runs
+
+# A checkpoint saved on one device count restores, evaluates and trains on the other.
+restores = {}
+for saved_on, restored_on in ((8, 1), (1, 8)):
+  work = f"{base}/restore{saved_on}"
+  config = tiny_config(archive, base + "/tfds", num_devices=saved_on, batch_size=16,
+                       eval_batch_size=16, num_epochs=1, plots=False)
+  recorded = train.train_and_evaluate(config, work)[-1]["test_accuracy"]
+  config.unlock()
+  config.num_devices = restored_on
+  restored = evaluation.evaluate_checkpoint(config, work, "final")
+  config.num_epochs = 2  # Training goes on from the other device count's checkpoint.
+  records = train.train_and_evaluate(config, work)
+  restores[f"{saved_on}->{restored_on}"] = {
+      "recorded": recorded, "restored": restored["test_accuracy"],
+      "epochs": [r["epoch"] for r in records]}
+out["restores"] = restores
+
+config = tiny_config(archive, base + "/tfds", batch_size=10)
+try:
+  train.train_and_evaluate(config, base + "/indivisible")
+except train.ConfigError as e:
+  out["indivisible_error"] = str(e)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tiny_archive, tmp_path_factory) -> tuple[dict, object]:
+  base = tmp_path_factory.mktemp("eight")
+  path = base / "script.py"
+  path.write_text(PRELUDE + SCRIPT)
   env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, str(path), *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+  result = subprocess.run([sys.executable, str(path), str(tiny_archive), str(base)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return json.loads(result.stdout.strip().splitlines()[-1]), base
 
 
-def test_eight_devices_give_the_one_device_step_and_run(tiny_archive, tmp_path):
-  out = run_on_8_devices("""
-    import numpy as np
-    archive, base = sys.argv[1], sys.argv[2]
-    config = tiny_config(archive, base + "/tfds", batch_size=16)
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.normal(0.3, 1.0, (16, 32, 32, 3)).astype(np.float32),
-             "label": rng.integers(0, 10, 16).astype(np.int32)}
-    steps, runs = {}, {}
-    for n in (1, 8):
-      # One step from the same state: the exact semantics (BatchNorm statistics and the
-      # gradient over the global batch), free of the drift a whole run amplifies.
-      mesh = train.make_mesh(n)
-      state = jax.device_put(
-          train.create_train_state(config, jax.random.PRNGKey(0),
-                                   train.create_learning_rate_fn(config, 10)),
-          train.replicated(mesh))
-      state, metrics = train.train_step(state, train.shard_batch(batch, mesh),
-                                        jax.random.PRNGKey(1), config.label_smoothing)
-      leaves = jax.tree.leaves((metrics["loss"], state.params, state.batch_stats))
-      steps[n] = [np.asarray(leaf).ravel().tolist() for leaf in jax.device_get(leaves)]
-      run_config = tiny_config(archive, base + "/tfds", num_devices=n, batch_size=16,
-                               eval_batch_size=16, num_epochs=2, plots=False)
-      records = train.train_and_evaluate(run_config, f"{base}/work{n}")
-      runs[n] = [{k: v for k, v in r.items() if not k.endswith(("_seconds", "_per_second"))}
-                 for r in records]
-    print(json.dumps({"steps": steps, "runs": runs}))
-  """, tmp_path, tiny_archive, tmp_path)
+def test_eight_devices_give_the_one_device_step_and_run(eight_devices):
+  out, _ = eight_devices
   # Float32 summation order alone moves one step's values: measured up to 1.5e-5 here,
   # and up to 5e-5 in full s9net kernels with canonical lax convolutions too. Per-device
   # statistics (2 images each) or an unreduced gradient should be far outside this.
@@ -77,39 +111,15 @@ def test_eight_devices_give_the_one_device_step_and_run(tiny_archive, tmp_path):
   assert eight[-1]["test_loss"] == pytest.approx(one[-1]["test_loss"], rel=5e-2)
 
 
-def test_checkpoints_restore_across_device_counts(tiny_archive, tmp_path):
-  out = run_on_8_devices("""
-    from s9jax import eval as evaluation
-    archive, base = sys.argv[1], sys.argv[2]
-    result = {}
-    for saved_on, restored_on in ((8, 1), (1, 8)):
-      work = f"{base}/work{saved_on}"
-      config = tiny_config(archive, base + "/tfds", num_devices=saved_on, batch_size=16,
-                           eval_batch_size=16, num_epochs=1, plots=False)
-      recorded = train.train_and_evaluate(config, work)[-1]["test_accuracy"]
-      config.unlock()
-      config.num_devices = restored_on
-      restored = evaluation.evaluate_checkpoint(config, work, "latest")
-      config.num_epochs = 2  # Training goes on from the other device count's checkpoint.
-      records = train.train_and_evaluate(config, work)
-      result[f"{saved_on}->{restored_on}"] = {
-          "recorded": recorded, "restored": restored["test_accuracy"],
-          "epochs": [r["epoch"] for r in records]}
-    print(json.dumps(result))
-  """, tmp_path, tiny_archive, tmp_path)
-  for case in out.values():
+def test_checkpoints_restore_across_device_counts(eight_devices):
+  out, _ = eight_devices
+  assert set(out["restores"]) == {"8->1", "1->8"}
+  for case in out["restores"].values():
     assert case["restored"] == case["recorded"]
     assert case["epochs"] == [1, 2]
 
 
-def test_batch_not_divisible_by_the_devices_is_refused(tiny_archive, tmp_path):
-  out = run_on_8_devices("""
-    archive, base = sys.argv[1], sys.argv[2]
-    config = tiny_config(archive, base + "/tfds", batch_size=10)
-    try:
-      train.train_and_evaluate(config, base + "/work")
-    except train.ConfigError as e:
-      print(json.dumps({"error": str(e)}))
-  """, tmp_path, tiny_archive, tmp_path)
-  assert "batch_size 10 is not divisible by the 8 devices" in out["error"]
-  assert not (tmp_path / "work").exists()
+def test_batch_not_divisible_by_the_devices_is_refused(eight_devices):
+  out, base = eight_devices
+  assert "batch_size 10 is not divisible by the 8 devices" in out["indivisible_error"]
+  assert not (base / "indivisible").exists()
