@@ -47,7 +47,8 @@ def main():
            "label": rng.integers(0, 10, args.batch).astype(np.int32)}
   key = jax.random.PRNGKey(1)
   if args.hlo:
-    compiled = train.train_step.lower(state, batch, key, config.label_smoothing).compile()
+    compiled = train.jitted_train_step(jax.default_backend()).lower(
+        state, batch, key, config.label_smoothing).compile()
     pathlib.Path(args.hlo).write_text(compiled.as_text())
   for _ in range(3):  # Compile and warm up.
     state, metrics = train.train_step(state, batch, key, config.label_smoothing)
