@@ -488,10 +488,10 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
     raise ConfigError(f"data.validation_size {held_out} leaves fewer than one batch of "
                       f"{config.batch_size} of the {len(images):,} training images")
   # The last `held_out` training images validate; the test set is read once, at the end.
-  train_images, train_labels = images[:len(images) - held_out], labels[:len(images) - held_out]
+  split = len(images) - held_out
+  train_images, train_labels = images[:split], labels[:split]
   mean, std = input_pipeline.channel_stats(train_images)  # Train, validation, test alike.
-  val_inputs = input_pipeline.normalize(images[len(images) - held_out:], mean, std)
-  val_labels = labels[len(images) - held_out:]
+  val_inputs, val_labels = input_pipeline.normalize(images[split:], mean, std), labels[split:]
   test_inputs = input_pipeline.normalize(test_images, mean, std)
   on_device = config.augment.backend == "jax"
   batches = input_pipeline.TrainBatches(
