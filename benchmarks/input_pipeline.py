@@ -1,6 +1,6 @@
 """Benchmark 2: images/s the Albumentations input pipeline (`TrainBatches`: Grain, with
 `data.workers` augmentation processes) delivers, alone and feeding the real train step,
-for each worker count, on this machine.
+for each worker count, on this machine; then the data-on-device path.
 
     python benchmarks/input_pipeline.py [--config base] [--batches 60] [--workers 0 1 2]
                                         [--images random|dataset]
@@ -9,6 +9,8 @@ Worker counts: 0 (a background thread of this process), 1, 2, and 4 and 8 where 
 machine has that many cores, unless --workers lists them. Prints the train step alone on
 a ready batch, then one line per worker count:
     workers N: pipeline P img/s (ratio to the step), end to end E img/s
+and last `data on device` (`augment.backend = 'jax'`): the training set placed on the
+device once, the host sending indices, the step gathering and augmenting them, end to end.
 `pipeline`: batches taken as fast as they come, nothing else running. `end to end`: the
 training loop's work per batch: the next batch, then `train.train_step` on it, JAX's
 dispatch running ahead as in training (what a 2-core machine really delivers: the
@@ -23,6 +25,7 @@ The process runs with s9jax's malloc settings, as training does.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import pathlib
@@ -66,12 +69,20 @@ class Trainer:
         "label": rng.integers(0, 10, config.batch_size).astype(np.int32)}
     self.run(lambda: self.ready_batch, 2)  # Compile.
 
-  def run(self, next_batch, steps: int) -> float:
-    """Seconds for `steps` steps, each on `next_batch()`, until the last one is done."""
+  def run(self, next_batch, steps: int, on_device=None) -> float:
+    """Seconds for `steps` steps, each on `next_batch()`, until the last one is done.
+    `on_device`: (training set on the device, augment) for batches of indices."""
     start = time.perf_counter()
     for _ in range(steps):
-      self.state, metrics = train.train_step(self.state, next_batch(), self.key,
-                                             self.config.label_smoothing)
+      if on_device:
+        train_set, augment = on_device
+        batch = next_batch()
+        self.state, metrics = train.train_step_on_device(
+            self.state, train_set, batch["index"], self.key, self.key, augment,
+            self.config.augment.image_size, self.config.label_smoothing, batch.get("flip"))
+      else:
+        self.state, metrics = train.train_step(self.state, next_batch(), self.key,
+                                               self.config.label_smoothing)
     jax.block_until_ready(metrics)
     return time.perf_counter() - start
 
@@ -121,6 +132,16 @@ def main():
     print(f"workers {workers} ({where}): pipeline {pipeline:.0f} img/s "
           f"({pipeline / step_ips:.2f}x the step), end to end {end_to_end:.0f} img/s",
           flush=True)
+  with input_pipeline.TrainBatches(images, labels, None, config.batch_size, config.seed,
+                                   alternate_flip=config.augment.alternate_flip) as batches:
+    on_device = (train.place_on_devices({"image": images, "label": labels}, train.make_mesh(1)),
+                 functools.partial(input_pipeline.device_augment, aug_config=config.augment,
+                                   mean=mean, std=std))
+    stream = batches.epoch(1)
+    trainer.run(lambda: next(stream), args.warmup, on_device)  # Compiles.
+    seconds = trainer.run(lambda: next(stream), args.batches, on_device)
+  print(f"data on device (augment.backend = 'jax'): end to end "
+        f"{args.batches * config.batch_size / seconds:.0f} img/s", flush=True)
 
 
 if __name__ == "__main__":

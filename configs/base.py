@@ -40,9 +40,10 @@ def get_config(variant: str = ""):
 
   # Every training trick, named once, with its units.
   c.augment = ml_collections.ConfigDict()
-  c.augment.backend = "albumentations"    # 'jax': the same augmentations jitted on device.
+  c.augment.backend = "albumentations"    # 'jax': training set on the devices, augmented in the step.
   c.augment.image_size = 32               # Resize(32, 32), as the reference.
-  c.augment.hflip_p = 0.5                 # HorizontalFlip.
+  c.augment.hflip_p = 0.5                 # HorizontalFlip,
+  c.augment.alternate_flip = False        #   or each image mirrored every other epoch (airbench).
   c.augment.affine_p = 0.5                # ShiftScaleRotate (as Affine): p, then its ranges:
   c.augment.shift = 0.05                  #   fraction of the side,
   c.augment.scale = 0.05                  #   +- fraction,
@@ -73,10 +74,16 @@ def get_config(variant: str = ""):
   c.momentum = 0.9
   c.nesterov = True
   c.weight_decay = 5e-4                   # L2 on conv kernels only (not BatchNorm).
+  c.bn_bias_lr_scale = 1.0                # BatchNorm biases learn at this x the rate,
+  c.bn_scale_frozen = False               #   and its scales stay at 1 (airbench: 64, True).
+  c.whiten_stem = False                   # The stem's 3x3 kernel set to whiten the training
+                                          #   images' patches, and frozen (airbench).
   c.schedule = "onecycle"                 # Linear warm-up, then linear decay to zero.
   c.warmup_epochs = 2.0                   # Linear warm-up from warmup_start x the peak rate:
   c.warmup_start = 0.1                    #   SGD at the peak rate from step 0 diverges early.
   c.label_smoothing = 0.1
+  c.lookahead_every = 0                   # Lookahead: every N steps the fast weights restart from
+                                          #   slow ones pulled towards them (airbench: 5); 0: off.
   # Test-time augmentation of the final test evaluation (validation runs without it):
   c.eval_flip = True                      # average the logits with the mirror's,
   c.eval_translate = 0                    # and with 2 shifts by this many pixels (0: off),

@@ -18,12 +18,13 @@ import shutil
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import flax
 import optax
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
@@ -42,6 +43,10 @@ CONFIG_FILE = "config.json"
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
+  # Lookahead (`lookahead_every` > 0): the slow copy of params and batch_stats, and the
+  # decay of its pull towards the fast ones as a function of the step.
+  slow: Any = None
+  slow_decay: Callable | None = flax.struct.field(pytree_node=False, default=None)
 
 
 class ConfigError(Exception):
@@ -113,20 +118,87 @@ def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
   # Decay conv kernels only: BatchNorm scales and biases are not weights to shrink.
   kernels = lambda params: jax.tree_util.tree_map_with_path(
       lambda path, _: path[-1].key == "kernel", params)
-  return optax.chain(
-      optax.add_decayed_weights(config.weight_decay, mask=kernels),
-      optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov))
+  sgd = lambda scale=1.0: optax.sgd(lambda step: scale * learning_rate_fn(step),
+                                    momentum=config.momentum, nesterov=config.nesterov)
+  decayed_sgd = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=kernels),
+                            optax.sgd(learning_rate_fn, momentum=config.momentum,
+                                      nesterov=config.nesterov))
+  if config.bn_bias_lr_scale == 1.0 and not config.bn_scale_frozen and not config.whiten_stem:
+    return decayed_sgd  # One group: checkpoints of such runs keep their optimizer state.
+
+  def group(path, _):
+    if config.whiten_stem and tuple(k.key for k in path) == STEM_KERNEL:
+      return "frozen"
+    if not any("BatchNorm" in str(getattr(key, "key", "")) for key in path):
+      return "weights"
+    return "bn_scale" if path[-1].key == "scale" else "bn_bias"
+
+  # airbench's BatchNorm: scales frozen at 1, biases at a multiple of the learning rate.
+  return optax.multi_transform(
+      {"weights": decayed_sgd, "bn_bias": sgd(config.bn_bias_lr_scale),
+       "bn_scale": optax.set_to_zero() if config.bn_scale_frozen else sgd(),
+       "frozen": optax.set_to_zero()},
+      lambda params: jax.tree_util.tree_map_with_path(group, params))
 
 
-def create_train_state(config, rng, learning_rate_fn, conv_impl: str | None = None) -> TrainState:
-  """`conv_impl` overrides the config's (a run passes the one it resolved)."""
+STEM_KERNEL = ("Conv_0", "kernel")  # s9net's first conv, on the RGB input.
+
+
+def whitening_kernel(images: np.ndarray, mean, std, width: int, size: int = 3,
+                     count: int = 2000, eps: float = 5e-4) -> np.ndarray:
+  """airbench's frozen first layer: a (size, size, 3, width) conv kernel whose filters
+  are the top width/2 eigenvectors of the covariance of size x size patches of the
+  (normalised) `images`, each scaled by 1/sqrt(eigenvalue + eps) and taken with both
+  signs, so the ReLU after it keeps every direction: its outputs are decorrelated
+  patches. Computed from the first `count` images."""
+  x = (images[:count].astype(np.float32) / 255.0 - mean) / std
+  patches = np.lib.stride_tricks.sliding_window_view(x, (size, size), axis=(1, 2))
+  patches = patches.reshape(-1, 3 * size * size).astype(np.float64)  # (C, kh, kw) order.
+  patches -= patches.mean(0)
+  eigenvalues, eigenvectors = np.linalg.eigh(patches.T @ patches / len(patches))
+  top = np.argsort(eigenvalues)[::-1][:width // 2]
+  filters = eigenvectors[:, top] / np.sqrt(eigenvalues[top] + eps)
+  filters = filters.reshape(3, size, size, -1).transpose(1, 2, 0, 3)  # -> HWIO.
+  return np.concatenate([filters, -filters], axis=-1).astype(np.float32)
+
+
+def create_train_state(config, rng, learning_rate_fn, conv_impl: str | None = None,
+                       total_steps: int = 0) -> TrainState:
+  """`conv_impl` overrides the config's (a run passes the one it resolved); `total_steps`
+  (the run's) sets the lookahead's decay schedule, when it has one."""
   model = models.create_model(config.model, conv_impl)
   size = config.augment.image_size
   variables = jax.jit(model.init, static_argnames="train")(
       {"params": rng}, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+  slow, slow_decay = None, None
+  if config.lookahead_every:
+    slow = jax.tree.map(jnp.copy, {"params": variables["params"],  # Own buffers: both
+                                   "batch_stats": variables["batch_stats"]})  # are donated.
+    slow_decay = functools.partial(lookahead_decay, every=config.lookahead_every,
+                                   total_steps=max(1, total_steps))
   return TrainState.create(apply_fn=model.apply, params=variables["params"],
                            batch_stats=variables["batch_stats"],
-                           tx=create_optimizer(config, learning_rate_fn))
+                           tx=create_optimizer(config, learning_rate_fn), slow=slow,
+                           slow_decay=slow_decay)
+
+
+def lookahead_decay(step, every: int, total_steps: int):
+  """airbench94's lookahead schedule: at every `every`-th step the slow weights move
+  1 - decay of the way to the fast ones and the fast ones restart from them, decay
+  growing as (step / total)^3 to 0.95^every; at the last step decay is 1, so the run
+  ends on the slow weights. Returns (sync now, decay)."""
+  last = step >= total_steps
+  decay = jnp.where(last, 1.0, 0.95 ** every * (jnp.minimum(step, total_steps) / total_steps) ** 3)
+  return (step % every == 0) | last, decay
+
+
+def lookahead_sync(state: TrainState) -> TrainState:
+  sync, decay = state.slow_decay(state.step)
+  fast = {"params": state.params, "batch_stats": state.batch_stats}
+  slow = jax.tree.map(lambda s, f: jnp.where(sync, s + (1 - decay) * (f - s), s),
+                      state.slow, fast)
+  fast = jax.tree.map(lambda s, f: jnp.where(sync, s, f), slow, fast)
+  return state.replace(params=fast["params"], batch_stats=fast["batch_stats"], slow=slow)
 
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0):
@@ -148,6 +220,8 @@ def _train_step(state: TrainState, batch, dropout_rng, label_smoothing: float = 
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if state.slow is not None:
+    state = lookahead_sync(state)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
   return state, {"loss": loss, "accuracy": accuracy}
 
@@ -164,6 +238,41 @@ def jitted_train_step(backend: str):
 def train_step(state: TrainState, batch, dropout_rng, label_smoothing: float = 0.0):
   """`_train_step`, jitted with the default backend's compiler options."""
   return jitted_train_step(jax.default_backend())(state, batch, dropout_rng, label_smoothing)
+
+
+def _train_step_on_device(state: TrainState, train_set, index, dropout_rng, augment_rng,
+                          augment, size: int, label_smoothing: float = 0.0, flip=None):
+  """`_train_step` on a batch gathered from the uint8 training set held on the devices
+  (`augment.backend = 'jax'`): the host sends only the records' `index` (and `flip`, with
+  `augment.alternate_flip`). `augment` (`input_pipeline.device_augment` with the config
+  bound) is seeded by the step, so a resumed run draws the same; then the batch is
+  resized to `size` pixels if smaller (progressive resizing)."""
+  images = augment(jax.random.fold_in(augment_rng, state.step), train_set["image"][index],
+                   flip=flip)
+  if size != images.shape[1]:
+    images = input_pipeline.resize_batch(images, size)
+  batch = {"image": images, "label": train_set["label"][index]}
+  return _train_step(state, batch, dropout_rng, label_smoothing)
+
+
+@functools.cache
+def jitted_train_step_on_device(backend: str):
+  return jax.jit(_train_step_on_device, static_argnames=("augment", "size", "label_smoothing"),
+                 donate_argnums=0, compiler_options=ops.compiler_options(backend))
+
+
+def train_step_on_device(state: TrainState, train_set, index, dropout_rng, augment_rng,
+                         augment, size: int, label_smoothing: float = 0.0, flip=None):
+  """`_train_step_on_device`, jitted with the default backend's compiler options."""
+  return jitted_train_step_on_device(jax.default_backend())(
+      state, train_set, index, dropout_rng, augment_rng, augment, size, label_smoothing, flip)
+
+
+def place_on_devices(arrays: dict, mesh) -> dict:
+  """Host arrays held whole by every process -> global arrays replicated on every device
+  of the mesh (the training set of `augment.backend = 'jax'`: 150 MB of uint8)."""
+  return {k: jax.make_array_from_process_local_data(replicated(mesh), np.asarray(v))
+          for k, v in arrays.items()}
 
 
 def tta_logits(apply_fn, variables, images, flip: bool = False, translate: int = 0,
@@ -391,6 +500,13 @@ def validate_config(config):
   if not 0 <= config.eval_translate < config.augment.image_size // 2:
     problems.append(f"eval_translate must be in [0, {config.augment.image_size // 2}), "
                     f"got {config.eval_translate}")
+  if config.whiten_stem and (config.model.name != "s9net" or config.model.stem_width % 2):
+    problems.append("whiten_stem needs model.name 's9net' and an even model.stem_width "
+                    "(half the filters are the other half negated)")
+  if config.lookahead_every < 0:
+    problems.append(f"lookahead_every must be >= 0, got {config.lookahead_every}")
+  if not config.bn_bias_lr_scale > 0:
+    problems.append(f"bn_bias_lr_scale must be > 0, got {config.bn_bias_lr_scale}")
   if config.weight_decay < 0:
     problems.append(f"weight_decay must be >= 0, got {config.weight_decay}")
   if not 0 <= config.label_smoothing < 1:
@@ -498,7 +614,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
       train_images, train_labels,
       None if on_device else lambda: input_pipeline.train_transform(config.augment, mean, std),
       config.batch_size, config.seed, workers=config.data.workers,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      alternate_flip=config.augment.alternate_flip)
   mesh = make_mesh(config.num_devices)
   steps_per_epoch = batches.steps_per_epoch
   workdir.mkdir(parents=True, exist_ok=True)
@@ -507,22 +624,33 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   augment_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xA06)
-  augment = on_device and jax.jit(functools.partial(
-      input_pipeline.device_augment, aug_config=config.augment, mean=mean, std=std))
   resize = jax.jit(input_pipeline.resize_batch, static_argnums=1)
+  if on_device:  # Placed once; from here on the host sends each step's indices alone.
+    train_set = place_on_devices({"image": train_images, "label": train_labels}, mesh)
+    augment = functools.partial(input_pipeline.device_augment, aug_config=config.augment,
+                                mean=mean, std=std)
 
-  def device_batch(batch, epoch, global_step):
+  def one_step(state, batch, epoch):
+    size = (config.progressive_size if epoch <= config.progressive_epochs
+            else config.augment.image_size)
     batch = shard_batch(batch, mesh)
-    if augment:  # Seeded by the step, so a resumed run draws the same augmentations.
-      batch["image"] = augment(jax.random.fold_in(augment_rng, global_step), batch["image"])
-    if epoch <= config.progressive_epochs:
-      batch["image"] = resize(batch["image"], config.progressive_size)
-    return batch
+    if on_device:
+      return train_step_on_device(state, train_set, batch["index"], dropout_rng, augment_rng,
+                                  augment, size, config.label_smoothing, batch.get("flip"))
+    if size != config.augment.image_size:
+      batch["image"] = resize(batch["image"], size)
+    return train_step(state, batch, dropout_rng, config.label_smoothing)
 
+  state = create_train_state(config, init_rng, learning_rate_fn, impl,
+                             total_steps=config.num_epochs * steps_per_epoch)
+  if config.whiten_stem:  # A fresh run's; a resumed one restores it with the rest.
+    name, key = STEM_KERNEL
+    state = state.replace(params={**state.params, name: {
+        **state.params[name], key: whitening_kernel(train_images, mean, std,
+                                                    config.model.stem_width)}})
   # Placed on the mesh before any restore, so a checkpoint from any device count
   # restores onto this one.
-  state = jax.device_put(create_train_state(config, init_rng, learning_rate_fn, impl),
-                         replicated(mesh))
+  state = jax.device_put(state, replicated(mesh))
   manager = checkpoint_manager(workdir, config.checkpoint_keep)
   board = metric_writers.open(workdir) if chief else None
   records = read_metrics(workdir)
@@ -543,8 +671,9 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
           flush=True)
   elif chief:
     preview = batches.preview(32)
-    if augment:
-      preview["image"] = np.asarray(augment(augment_rng, preview["image"]))
+    if on_device:
+      preview["image"] = np.asarray(jax.jit(augment)(augment_rng, preview["image"],
+                                                     flip=preview.get("flip")))
     if board:
       board.add_images("augmentations", plots.to_display(preview["image"], mean, std), 0,
                        dataformats="NHWC")
@@ -568,8 +697,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
                mininterval=2.0, file=sys.stderr, unit="img", unit_scale=config.batch_size,
                disable=not chief)
     for i, batch in enumerate(bar, start=start_step):
-      batch = device_batch(batch, epoch, (epoch - 1) * steps_per_epoch + i)
-      state, metrics = train_step(state, batch, dropout_rng, config.label_smoothing)
+      state, metrics = one_step(state, batch, epoch)
       step_metrics.append(metrics)
       if i % 20 == 0:
         shown = jax.device_get(metrics)

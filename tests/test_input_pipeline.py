@@ -179,6 +179,49 @@ def test_batches_are_deterministic_per_seed_and_epoch():
   assert sorted(batches.order(1)) == list(range(40))
 
 
+def test_without_a_host_transform_batches_are_indices_in_training_order():
+  """Data on the devices: each batch is the record indices to gather there, nothing else."""
+  batches = make_batches(seed=0)
+  on_device = input_pipeline.TrainBatches(batches.images, batches.labels, None, 8, seed=0,
+                                          workers=2)
+  first = list(on_device.epoch(1))
+  assert [set(b) for b in first] == [{"index"}] * 5 and first[0]["index"].dtype == np.int32
+  np.testing.assert_array_equal(np.concatenate([b["index"] for b in first]), batches.order(1))
+  np.testing.assert_array_equal(list(on_device.epoch(1, start_step=3))[0]["index"],
+                                first[3]["index"])
+  preview = on_device.preview(4)  # Raw: the caller augments it as its devices would.
+  np.testing.assert_array_equal(preview["image"], batches.images[batches.order(0, 4)])
+
+
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
+  images = np.random.default_rng(3).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+  aug = load_config("base").augment
+  aug.update(alternate_flip=True, affine_p=0.0, cutout_p=0.0)  # Flip alone, then Normalize.
+  batches = input_pipeline.TrainBatches(
+      images, np.arange(40) % 10, lambda: input_pipeline.train_transform(aug, MEAN, STD), 8,
+      seed=0, alternate_flip=True)
+  plain = input_pipeline.normalize(images, MEAN, STD)
+
+  def mirrored(epoch):  # Record index -> was it mirrored in that epoch.
+    seen = np.concatenate([b["image"] for b in batches.epoch(epoch)])
+    flips = {}
+    for image, i in zip(seen, batches.order(epoch)):
+      assert np.allclose(image, plain[i], atol=1e-5) or np.allclose(image, plain[i][:, ::-1],
+                                                                    atol=1e-5)
+      flips[i] = np.allclose(image, plain[i][:, ::-1], atol=1e-5)
+    return np.array([flips[i] for i in range(40)])
+
+  first, second, third = mirrored(1), mirrored(2), mirrored(3)
+  assert 8 <= first.sum() <= 32  # A coin per image to start with,
+  np.testing.assert_array_equal(second, ~first)  # then each the other way every epoch.
+  np.testing.assert_array_equal(third, first)
+  # Data on the devices: the batches carry the same flips for the step to apply.
+  on_device = input_pipeline.TrainBatches(images, np.arange(40) % 10, None, 8, seed=0,
+                                          alternate_flip=True)
+  carried = np.concatenate([b["flip"] for b in on_device.epoch(2)])
+  np.testing.assert_array_equal(carried, second[on_device.order(2)])
+
+
 def test_mid_epoch_start_gives_the_remaining_batches():
   batches = make_batches(seed=4)
   full = list(batches.epoch(3))

@@ -1,6 +1,7 @@
 """The real train step, checkpoints, loop and CLIs, on tiny data."""
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -56,6 +57,98 @@ def test_weight_decay_touches_conv_kernels_only(tiny_archive, tmp_path):
       np.testing.assert_allclose(new, old * (1 - 0.1 * 0.5), rtol=1e-6)
     else:
       np.testing.assert_array_equal(new, old)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_batchnorm_biases_learn_faster_and_scales_can_freeze(tiny_archive, tmp_path, frozen):
+  """airbench's BatchNorm recipe: biases at bn_bias_lr_scale x the rate, scales fixed;
+  every other parameter (the classifier's bias too) steps and decays as before."""
+  config = tiny_config(tiny_archive, tmp_path, learning_rate=0.1, momentum=0.0,
+                       weight_decay=0.5, schedule="constant", bn_bias_lr_scale=8.0,
+                       bn_scale_frozen=frozen)
+  state = tiny_state(config)
+  grads = jax.tree.map(jnp.ones_like, state.params)
+  after = state.apply_gradients(grads=grads).params
+  flat_before = jax.tree_util.tree_leaves_with_path(state.params)
+  groups = set()
+  for (path, old), new in zip(flat_before, jax.tree.leaves(after)):
+    name = jax.tree_util.keystr(path)
+    if "BatchNorm" in name and path[-1].key == "bias":
+      groups.add("bn_bias")
+      np.testing.assert_allclose(new, old - 8.0 * 0.1, rtol=1e-6)
+    elif "BatchNorm" in name:
+      groups.add("bn_scale")
+      np.testing.assert_allclose(new, old if frozen else old - 0.1, rtol=1e-6)
+    elif path[-1].key == "kernel":
+      groups.add("kernel")
+      np.testing.assert_allclose(new, old * (1 - 0.1 * 0.5) - 0.1, rtol=1e-5, atol=1e-7)
+    else:
+      groups.add(name)
+      np.testing.assert_allclose(new, old - 0.1, rtol=1e-6)
+  assert groups == {"bn_bias", "bn_scale", "kernel", "['Conv_2']['bias']"}
+
+
+def test_whitened_stem_decorrelates_patches_and_stays_frozen_in_training(tiny_archive, tmp_path):
+  rng = np.random.default_rng(0)
+  noise = rng.normal(size=(300, 36, 36, 3))  # Neighbouring pixels correlated, as in photos.
+  images = np.clip(128 + 40 * (noise[:, :32, :32] + noise[:, 1:33, 1:33] + noise[:, 2:34, :32]),
+                   0, 255).astype(np.uint8)
+  mean, std = input_pipeline.channel_stats(images)
+  kernel = train.whitening_kernel(images, mean, std, width=24)
+  assert kernel.shape == (3, 3, 3, 24)
+  np.testing.assert_array_equal(kernel[..., 12:], -kernel[..., :12])
+  x = (images.astype(np.float32) / 255 - mean) / std
+  out = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(np.cov(np.asarray(out)[..., :12].reshape(-1, 12).T), np.eye(12),
+                             atol=0.05)
+  # A run starts from that kernel (of its own training images) and never moves it.
+  config = tiny_config(tiny_archive, tmp_path / "tfds", whiten_stem=True, plots=False,
+                       **{"model.stem_width": 8})
+  train.train_and_evaluate(config, tmp_path / "work")
+  manager = train.checkpoint_manager(tmp_path / "work", 3)
+  state, _ = train.restore_checkpoint(manager, manager.latest_step(), tiny_state(config))
+  images, _ = input_pipeline.load_split(config.data, "train")
+  mean, std = input_pipeline.channel_stats(images)
+  np.testing.assert_allclose(state.params["Conv_0"]["kernel"],
+                             train.whitening_kernel(images, mean, std, width=8), rtol=1e-6)
+  assert int(state.step) == 3  # Three SGD steps (30 images, batch 10) left it as it was.
+  manager.close()
+
+
+def test_lookahead_pulls_slow_weights_every_n_steps_and_ends_on_them(tiny_archive, tmp_path):
+  config = tiny_config(tiny_archive, tmp_path, learning_rate=0.05, schedule="constant")
+  with_lookahead = tiny_config(tiny_archive, tmp_path, learning_rate=0.05, schedule="constant",
+                               lookahead_every=2)
+  lr_fn = train.create_learning_rate_fn(config, 10)
+  plain = train.create_train_state(config, jax.random.PRNGKey(0), lr_fn)
+  state = train.create_train_state(with_lookahead, jax.random.PRNGKey(0), lr_fn, total_steps=4)
+  start = jax.device_get(state.params)
+  rng = np.random.default_rng(0)
+  batches = [{"image": rng.normal(size=(10, 32, 32, 3)).astype(np.float32),
+              "label": rng.integers(0, 10, 10).astype(np.int32)} for _ in range(4)]
+  leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]
+  for i, batch in enumerate(batches, start=1):
+    plain, _ = train.train_step(plain, batch, jax.random.PRNGKey(1))
+    state, _ = train.train_step(state, batch, jax.random.PRNGKey(1))
+    if i == 1:  # Not a sync step: the fast weights move alone.
+      for a, b in zip(leaves(state.params), leaves(plain.params)):
+        np.testing.assert_array_equal(a, b)
+      for a, b in zip(leaves(state.slow["params"]), leaves(start)):
+        np.testing.assert_array_equal(a, b)
+    if i == 2:  # Sync: slow += (1 - 0.95^2 (2/4)^3) (fast - slow); fast restarts from it.
+      decay = 0.95 ** 2 * (2 / 4) ** 3
+      expected = [s + (1 - decay) * (f - s) for s, f in zip(leaves(start), leaves(plain.params))]
+      for a, b, c in zip(leaves(state.params), leaves(state.slow["params"]), expected):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(a, b)
+      at_sync = leaves(state.slow["params"])
+      plain = plain.replace(params=jax.tree.map(jnp.copy, state.params),
+                            batch_stats=jax.tree.map(jnp.copy, state.batch_stats))
+  # The last step ends on the slow weights: those of step 2, untouched by steps 3 and 4.
+  for a, b in zip(leaves(state.params), at_sync):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(leaves(plain.params)[0], at_sync[0])
 
 
 def test_checkpoint_round_trip_gives_identical_params_and_eval(tiny_archive, tmp_path):
@@ -372,6 +465,45 @@ def test_device_augmentation_backend_trains_reproducibly(tiny_archive, tmp_path)
   config.unlock()
   config.plots = False
   assert without_timings(train.train_and_evaluate(config, tmp_path / "b")) == without_timings(first)
+
+
+def test_data_on_device_step_gathers_augments_and_trains_as_the_host_path(tiny_archive, tmp_path):
+  """`augment.backend = 'jax'`: the host sends indices; the step gathers them from the
+  training set on the device, augments (seeded by the step), resizes, and then takes the
+  same SGD step as on the batch the host path would have sent."""
+  config = tiny_config(tiny_archive, tmp_path, learning_rate=0.05, schedule="constant")
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, 30).astype(np.int32)
+  mean, std = input_pipeline.channel_stats(images)
+  train_set = train.place_on_devices({"image": images, "label": labels}, train.make_mesh(1))
+  index = np.array([7, 3, 29, 0, 3, 12, 5, 18, 22, 9], np.int32)
+  keys = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+  no_augmentation = config.augment.copy_and_resolve_references()
+  no_augmentation.update(hflip_p=0.0, affine_p=0.0, cutout_p=0.0)
+  augmentations = (no_augmentation, config.augment)
+  for aug, size in zip(augmentations, (32, 16)):
+    augment = functools.partial(input_pipeline.device_augment, aug_config=aug, mean=mean, std=std)
+    start = train.train_step(tiny_state(config), {  # One step in, so state.step is 1.
+        "image": input_pipeline.normalize(images[:10], mean, std), "label": labels[:10]},
+        *keys[:1])[0]
+    expected_images = augment(jax.random.fold_in(keys[1], 1), images[index])
+    if aug is no_augmentation:  # Then it is the host path's Normalize exactly,
+      plain = input_pipeline.normalize(images[index], mean, std)
+      np.testing.assert_allclose(expected_images, plain, atol=1e-5)
+      flip = np.arange(10) % 3 == 0  # and mirrors just the images the host says to.
+      mirrored = augment(jax.random.fold_in(keys[1], 1), images[index], flip=flip)
+      np.testing.assert_allclose(mirrored, np.where(flip[:, None, None, None],
+                                                    plain[:, :, ::-1], plain), atol=1e-5)
+    expected, expected_metrics = train._train_step(
+        jax.tree.map(jnp.copy, start),
+        {"image": input_pipeline.resize_batch(expected_images, size), "label": labels[index]}
+        if size != 32 else {"image": expected_images, "label": labels[index]}, keys[0])
+    got, metrics = train.train_step_on_device(start, train_set, index, *keys, augment, size)
+    assert int(got.step) == 2
+    np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(expected.params)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_progressive_resizing_trains_small_then_validates_every_epoch_and_tests_once(
