@@ -476,34 +476,34 @@ def test_data_on_device_step_gathers_augments_and_trains_as_the_host_path(tiny_a
   images = rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, 30).astype(np.int32)
   mean, std = input_pipeline.channel_stats(images)
-  train_set = train.place_on_devices({"image": images, "label": labels}, train.make_mesh(1))
   index = np.array([7, 3, 29, 0, 3, 12, 5, 18, 22, 9], np.int32)
-  keys = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
-  no_augmentation = config.augment.copy_and_resolve_references()
-  no_augmentation.update(hflip_p=0.0, affine_p=0.0, cutout_p=0.0)
-  augmentations = (no_augmentation, config.augment)
-  for aug, size in zip(augmentations, (32, 16)):
-    augment = functools.partial(input_pipeline.device_augment, aug_config=aug, mean=mean, std=std)
-    start = train.train_step(tiny_state(config), {  # One step in, so state.step is 1.
-        "image": input_pipeline.normalize(images[:10], mean, std), "label": labels[:10]},
-        *keys[:1])[0]
-    expected_images = augment(jax.random.fold_in(keys[1], 1), images[index])
-    if aug is no_augmentation:  # Then it is the host path's Normalize exactly,
-      plain = input_pipeline.normalize(images[index], mean, std)
-      np.testing.assert_allclose(expected_images, plain, atol=1e-5)
-      flip = np.arange(10) % 3 == 0  # and mirrors just the images the host says to.
-      mirrored = augment(jax.random.fold_in(keys[1], 1), images[index], flip=flip)
-      np.testing.assert_allclose(mirrored, np.where(flip[:, None, None, None],
-                                                    plain[:, :, ::-1], plain), atol=1e-5)
-    expected, expected_metrics = train._train_step(
-        jax.tree.map(jnp.copy, start),
-        {"image": input_pipeline.resize_batch(expected_images, size), "label": labels[index]}
-        if size != 32 else {"image": expected_images, "label": labels[index]}, keys[0])
-    got, metrics = train.train_step_on_device(start, train_set, index, *keys, augment, size)
-    assert int(got.step) == 2
-    np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(expected.params)):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  dropout_key, augment_key = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+  augment_with = lambda aug: functools.partial(input_pipeline.device_augment, aug_config=aug,
+                                               mean=mean, std=std)
+  # With every augmentation off it is the host path's Normalize, and mirrors just the
+  # images the host says to (alternating flips).
+  plain = input_pipeline.normalize(images[index], mean, std)
+  none = config.augment.copy_and_resolve_references()
+  none.update(hflip_p=0.0, affine_p=0.0, cutout_p=0.0)
+  np.testing.assert_allclose(augment_with(none)(augment_key, images[index]), plain, atol=1e-5)
+  flip = np.arange(10) % 3 == 0
+  np.testing.assert_allclose(augment_with(none)(augment_key, images[index], flip=flip),
+                             np.where(flip[:, None, None, None], plain[:, :, ::-1], plain),
+                             atol=1e-5)
+  # The step, at step 1 (so its draws are seeded by the step, not by 0), at 16 px.
+  augment = augment_with(config.augment)
+  start = tiny_state(config).replace(step=jnp.asarray(1, jnp.int32))
+  batch = {"image": input_pipeline.resize_batch(
+      augment(jax.random.fold_in(augment_key, 1), images[index]), 16), "label": labels[index]}
+  expected, expected_metrics = train._train_step(jax.tree.map(jnp.copy, start), batch,
+                                                 dropout_key)
+  train_set = train.place_on_devices({"image": images, "label": labels}, train.make_mesh(1))
+  got, metrics = train.train_step_on_device(start, train_set, index, dropout_key, augment_key,
+                                            augment, 16)
+  assert int(got.step) == 2
+  np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(expected.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_progressive_resizing_trains_small_then_validates_every_epoch_and_tests_once(
