@@ -20,11 +20,11 @@ import sys
 import time
 from typing import Any, Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import flax
 import optax
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
