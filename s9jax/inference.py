@@ -61,7 +61,7 @@ def load_config(workdir) -> ml_collections.ConfigDict:
     raise train.ConfigError(f"{workdir} has no {train.CONFIG_FILE}, so it is not a training "
                             "workdir: train into it first (python -m s9jax.train)")
   try:
-    tree = json.loads(path.read_text())
+    tree = train.with_added_keys(json.loads(path.read_text()))  # Older runs' too.
   except (OSError, ValueError) as e:
     raise train.ConfigError(f"cannot read {path}: {e}") from e
   config = ml_collections.ConfigDict(_tuples(tree))

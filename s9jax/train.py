@@ -43,8 +43,12 @@ CONFIG_FILE = "config.json"
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
-  # Lookahead (`lookahead_every` > 0): the slow copy of params and batch_stats, and the
-  # decay of its pull towards the fast ones as a function of the step.
+
+
+class LookaheadTrainState(TrainState):
+  """With `lookahead_every` > 0: the slow copy of params and batch_stats, and the decay
+  of its pull towards the fast ones as a function of the step. A subclass, so every
+  other run's checkpoints keep TrainState's tree (and older ones restore)."""
   slow: Any = None
   slow_decay: Callable | None = flax.struct.field(pytree_node=False, default=None)
 
@@ -170,16 +174,17 @@ def create_train_state(config, rng, learning_rate_fn, conv_impl: str | None = No
   size = config.augment.image_size
   variables = jax.jit(model.init, static_argnames="train")(
       {"params": rng}, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
-  slow, slow_decay = None, None
-  if config.lookahead_every:
-    slow = jax.tree.map(jnp.copy, {"params": variables["params"],  # Own buffers: both
-                                   "batch_stats": variables["batch_stats"]})  # are donated.
-    slow_decay = functools.partial(lookahead_decay, every=config.lookahead_every,
-                                   total_steps=max(1, total_steps))
-  return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                           batch_stats=variables["batch_stats"],
-                           tx=create_optimizer(config, learning_rate_fn), slow=slow,
-                           slow_decay=slow_decay)
+  fields = dict(apply_fn=model.apply, params=variables["params"],
+                batch_stats=variables["batch_stats"],
+                tx=create_optimizer(config, learning_rate_fn))
+  if not config.lookahead_every:
+    return TrainState.create(**fields)
+  return LookaheadTrainState.create(
+      **fields,
+      slow=jax.tree.map(jnp.copy, {"params": variables["params"],  # Own buffers: both
+                                   "batch_stats": variables["batch_stats"]}),  # are donated.
+      slow_decay=functools.partial(lookahead_decay, every=config.lookahead_every,
+                                   total_steps=max(1, total_steps)))
 
 
 def lookahead_decay(step, every: int, total_steps: int):
@@ -192,7 +197,7 @@ def lookahead_decay(step, every: int, total_steps: int):
   return (step % every == 0) | last, decay
 
 
-def lookahead_sync(state: TrainState) -> TrainState:
+def lookahead_sync(state: LookaheadTrainState) -> LookaheadTrainState:
   sync, decay = state.slow_decay(state.step)
   fast = {"params": state.params, "batch_stats": state.batch_stats}
   slow = jax.tree.map(lambda s, f: jnp.where(sync, s + (1 - decay) * (f - s), s),
@@ -220,7 +225,7 @@ def _train_step(state: TrainState, batch, dropout_rng, label_smoothing: float = 
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  if state.slow is not None:
+  if isinstance(state, LookaheadTrainState):
     state = lookahead_sync(state)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
   return state, {"loss": loss, "accuracy": accuracy}
@@ -441,6 +446,24 @@ RESUMABLE_CHANGES = ("data.workers", "data.data_dir", "data.source_path", "data.
                      "data.md5", "model.conv_impl")
 
 
+# Config keys that came after runs were trained without them, each with the value that
+# trains as those runs did: a workdir's config.json from before reads as holding it.
+ADDED_KEYS = {"augment.alternate_flip": False, "bn_bias_lr_scale": 1.0,
+              "bn_scale_frozen": False, "whiten_stem": False, "lookahead_every": 0}
+
+
+def with_added_keys(saved: dict) -> dict:
+  """A config.json's tree, with every `ADDED_KEYS` entry it lacks."""
+  saved = json.loads(json.dumps(saved))  # A deep copy.
+  for dotted, value in ADDED_KEYS.items():
+    *sections, key = dotted.split(".")
+    tree = saved
+    for section in sections:
+      tree = tree.setdefault(section, {})
+    tree.setdefault(key, value)
+  return saved
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict:
   flat = {}
   for key, value in tree.items():
@@ -459,7 +482,8 @@ def check_workdir_config(workdir, config):
   if not path.exists():
     return
   sections = ("model", "data", "augment")
-  previous = _flatten({k: v for k, v in json.loads(path.read_text()).items() if k in sections})
+  saved = with_added_keys(json.loads(path.read_text()))
+  previous = _flatten({k: v for k, v in saved.items() if k in sections})
   current = _flatten({k: v for k, v in json.loads(config.to_json()).items() if k in sections})
   changed = sorted(k for k in previous.keys() | current.keys()
                    if k not in RESUMABLE_CHANGES and previous.get(k) != current.get(k))

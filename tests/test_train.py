@@ -123,6 +123,11 @@ def test_lookahead_pulls_slow_weights_every_n_steps_and_ends_on_them(tiny_archiv
   lr_fn = train.create_learning_rate_fn(config, 10)
   plain = train.create_train_state(config, jax.random.PRNGKey(0), lr_fn)
   state = train.create_train_state(with_lookahead, jax.random.PRNGKey(0), lr_fn, total_steps=4)
+  # Without lookahead the state's tree is what checkpoints have always held, so those
+  # written before lookahead existed still restore.
+  top = lambda tree: {path[0].name for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  assert top(plain) == {"step", "params", "opt_state", "batch_stats"}
+  assert top(state) == {"step", "params", "opt_state", "batch_stats", "slow"}
   start = jax.device_get(state.params)
   rng = np.random.default_rng(0)
   batches = [{"image": rng.normal(size=(10, 32, 32, 3)).astype(np.float32),
@@ -201,6 +206,14 @@ def test_workdir_refuses_another_network_or_augmentation_but_not_where_or_how_fa
   with pytest.raises(train.ConfigError, match="different augment.hflip_p"):
     train.check_workdir_config(work, tiny_config(tiny_archive, tmp_path / "tfds", **{
         "model.stem_width": 16, "augment.hflip_p": 0.0}))
+  # A workdir from before a key existed resumes with the key off, and only so.
+  saved = json.loads((work / "config.json").read_text())
+  del saved["augment"]["alternate_flip"]
+  (work / "config.json").write_text(json.dumps(saved))
+  train.check_workdir_config(work, first)
+  with pytest.raises(train.ConfigError, match="different augment.alternate_flip .*was False"):
+    train.check_workdir_config(work, tiny_config(tiny_archive, tmp_path / "tfds", **{
+        "model.stem_width": 16, "augment.alternate_flip": True}))
 
 
 def test_a_run_that_cannot_start_leaves_the_workdir_usable(tiny_archive, tmp_path):

@@ -6,6 +6,7 @@ One tiny run is trained once (two epochs, a validation split) and every test rea
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -152,6 +153,23 @@ def test_eval_without_config_reproduces_the_recorded_final_test_accuracy(run):
   assert result["test_accuracy"] == final["test_accuracy"]
   assert result["recorded_test_accuracy"] == final["test_accuracy"]
   assert json.loads((run.workdir / "eval.json").read_text())["step"] == final["step"]
+
+
+def test_a_workdir_from_before_newer_config_keys_still_evaluates(run, tmp_path):
+  old = tmp_path / "old"
+  shutil.copytree(run.workdir, old)
+  saved = json.loads((old / "config.json").read_text())
+  for dotted in train.ADDED_KEYS:
+    *sections, key = dotted.split(".")
+    tree = saved
+    for section in sections:
+      tree = tree[section]
+    del tree[key]
+  (old / "config.json").write_text(json.dumps(saved))
+  config = inference.load_config(old)
+  assert config.augment.alternate_flip is False and config.bn_bias_lr_scale == 1.0
+  result = eval_cli.evaluate_checkpoint(None, old)
+  assert result["test_accuracy"] == run.records[-1]["test_accuracy"]
 
 
 def run_module(module, *args, **kwargs):
