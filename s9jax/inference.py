@@ -170,7 +170,7 @@ def restore(workdir, checkpoint: str = "final", *, config=None, mesh=None):
 def tta_options(config) -> dict:
   """The test-time augmentations the run's test accuracy was measured with."""
   return {"flip": bool(config.eval_flip), "translate": int(config.eval_translate),
-          "translate_weight": float(config.get("eval_translate_weight", 0.5))}
+          "translate_weight": float(config.eval_translate_weight)}
 
 
 def logits_function(apply_fn: Callable, mean, std, flip: bool = False, translate: int = 0,

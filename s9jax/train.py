@@ -122,11 +122,10 @@ def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
   # Decay conv kernels only: BatchNorm scales and biases are not weights to shrink.
   kernels = lambda params: jax.tree_util.tree_map_with_path(
       lambda path, _: path[-1].key == "kernel", params)
-  sgd = lambda scale=1.0: optax.sgd(lambda step: scale * learning_rate_fn(step),
-                                    momentum=config.momentum, nesterov=config.nesterov)
-  decayed_sgd = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=kernels),
-                            optax.sgd(learning_rate_fn, momentum=config.momentum,
-                                      nesterov=config.nesterov))
+  sgd = lambda scale=1.0: optax.sgd(
+      learning_rate_fn if scale == 1.0 else lambda step: scale * learning_rate_fn(step),
+      momentum=config.momentum, nesterov=config.nesterov)
+  decayed_sgd = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=kernels), sgd())
   if config.bn_bias_lr_scale == 1.0 and not config.bn_scale_frozen and not config.whiten_stem:
     return decayed_sgd  # One group: checkpoints of such runs keep their optimizer state.
 
@@ -164,6 +163,13 @@ def whitening_kernel(images: np.ndarray, mean, std, width: int, size: int = 3,
   filters = eigenvectors[:, top] / np.sqrt(eigenvalues[top] + eps)
   filters = filters.reshape(3, size, size, -1).transpose(1, 2, 0, 3)  # -> HWIO.
   return np.concatenate([filters, -filters], axis=-1).astype(np.float32)
+
+
+def with_whitened_stem(state: TrainState, images: np.ndarray, mean, std) -> TrainState:
+  """`state` with its stem kernel replaced by `whitening_kernel` of `images`."""
+  name, key = STEM_KERNEL
+  kernel = whitening_kernel(images, mean, std, width=state.params[name][key].shape[-1])
+  return state.replace(params={**state.params, name: {**state.params[name], key: kernel}})
 
 
 def create_train_state(config, rng, learning_rate_fn, conv_impl: str | None = None,
@@ -232,12 +238,16 @@ def _train_step(state: TrainState, batch, dropout_rng, label_smoothing: float = 
 
 
 @functools.cache
-def jitted_train_step(backend: str):
-  """`_train_step` jitted for one backend: XLA:CPU's options only where XLA:CPU compiles.
-  Built on first use, not at import, so importing s9jax starts no backend (multi-host
-  runs must call jax.distributed.initialize() first)."""
-  return jax.jit(_train_step, static_argnames=("label_smoothing",), donate_argnums=0,
+def _jitted(step_fn, backend: str, static_argnames: tuple[str, ...]):
+  """A train step jitted for one backend, the state donated: XLA:CPU's options only where
+  XLA:CPU compiles. Built on first use, not at import, so importing s9jax starts no
+  backend (multi-host runs must call jax.distributed.initialize() first)."""
+  return jax.jit(step_fn, static_argnames=static_argnames, donate_argnums=0,
                  compiler_options=ops.compiler_options(backend))
+
+
+def jitted_train_step(backend: str):
+  return _jitted(_train_step, backend, ("label_smoothing",))
 
 
 def train_step(state: TrainState, batch, dropout_rng, label_smoothing: float = 0.0):
@@ -260,16 +270,11 @@ def _train_step_on_device(state: TrainState, train_set, index, dropout_rng, augm
   return _train_step(state, batch, dropout_rng, label_smoothing)
 
 
-@functools.cache
-def jitted_train_step_on_device(backend: str):
-  return jax.jit(_train_step_on_device, static_argnames=("augment", "size", "label_smoothing"),
-                 donate_argnums=0, compiler_options=ops.compiler_options(backend))
-
-
 def train_step_on_device(state: TrainState, train_set, index, dropout_rng, augment_rng,
                          augment, size: int, label_smoothing: float = 0.0, flip=None):
   """`_train_step_on_device`, jitted with the default backend's compiler options."""
-  return jitted_train_step_on_device(jax.default_backend())(
+  return _jitted(_train_step_on_device, jax.default_backend(),
+                 ("augment", "size", "label_smoothing"))(
       state, train_set, index, dropout_rng, augment_rng, augment, size, label_smoothing, flip)
 
 
@@ -448,8 +453,9 @@ RESUMABLE_CHANGES = ("data.workers", "data.data_dir", "data.source_path", "data.
 
 # Config keys that came after runs were trained without them, each with the value that
 # trains as those runs did: a workdir's config.json from before reads as holding it.
-ADDED_KEYS = {"augment.alternate_flip": False, "bn_bias_lr_scale": 1.0,
-              "bn_scale_frozen": False, "whiten_stem": False, "lookahead_every": 0}
+ADDED_KEYS = {"eval_translate_weight": 0.5, "augment.alternate_flip": False,
+              "bn_bias_lr_scale": 1.0, "bn_scale_frozen": False, "whiten_stem": False,
+              "lookahead_every": 0}
 
 
 def with_added_keys(saved: dict) -> dict:
@@ -665,17 +671,14 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
       batch["image"] = resize(batch["image"], size)
     return train_step(state, batch, dropout_rng, config.label_smoothing)
 
+  manager = checkpoint_manager(workdir, config.checkpoint_keep)
   state = create_train_state(config, init_rng, learning_rate_fn, impl,
                              total_steps=config.num_epochs * steps_per_epoch)
-  if config.whiten_stem:  # A fresh run's; a resumed one restores it with the rest.
-    name, key = STEM_KERNEL
-    state = state.replace(params={**state.params, name: {
-        **state.params[name], key: whitening_kernel(train_images, mean, std,
-                                                    config.model.stem_width)}})
+  if config.whiten_stem and manager.latest_step() is None:  # A resume restores it.
+    state = with_whitened_stem(state, train_images, mean, std)
   # Placed on the mesh before any restore, so a checkpoint from any device count
   # restores onto this one.
   state = jax.device_put(state, replicated(mesh))
-  manager = checkpoint_manager(workdir, config.checkpoint_keep)
   board = metric_writers.open(workdir) if chief else None
   records = read_metrics(workdir)
   start_epoch, start_step, carried_metrics, carried_seconds, elapsed = 0, 0, [], 0.0, 0.0
