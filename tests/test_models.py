@@ -20,9 +20,10 @@ def test_seed_has_the_reference_parameter_count():
   assert param_count(load_config("seed")) == 198_776
 
 
-@pytest.mark.parametrize("name", ["base", "fast"])
-def test_s9net_parameter_count_is_pinned(name):
-  assert param_count(load_config(name)) == 190_738
+@pytest.mark.parametrize("name,params", [
+    ("base", 190_738), ("fast", 190_738), ("best", 190_738), ("tiny", 57_978)])
+def test_s9net_parameter_count_is_pinned(name, params):
+  assert param_count(load_config(name)) == params
 
 
 def test_fast_network_is_the_base_network_with_the_stride_moved_into_the_stem():

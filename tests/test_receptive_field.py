@@ -76,7 +76,8 @@ def test_traced_rf_equals_gradient_support(name, size):
 
 
 @pytest.mark.parametrize("name,params,rf", [
-    ("seed", 198_776, 105), ("base", 190_738, 135), ("fast", 190_738, 135)])
+    ("seed", 198_776, 105), ("base", 190_738, 135), ("fast", 190_738, 135),
+    ("best", 190_738, 135), ("tiny", 57_978, 103)])
 def test_every_config_passes_every_constraint(name, params, rf):
   report = receptive_field.analyse_config(load_config(name))
   assert report.passed, report.failures()

@@ -1,0 +1,28 @@
+"""The accuracy recipe: fast.py's network (190,738 params, receptive field 135) with a
+frozen whitening stem, trained 5x as long with base.py's full augmentation; a run fits
+the 90-minute budget on a 2-core CPU.
+
+Run:      python -m s9jax.train --config configs/best.py --workdir runs/best
+Expected: ~87.7% test accuracy (CIFAR-10 JPEG copy; 87.68% on the one report seed run so
+far) in ~60 min wall on a 2-core laptop-class CPU, dataset already prepared (figures with
+their commands and what is left toward 91.5%: docs/benchmarks.md).
+A fixed recipe, so it trains on all 50,000 images; to change it, tune on the validation
+split: --config.data.validation_size=5000.
+"""
+
+from configs import fast
+
+
+def get_config(variant: str = ""):
+  c = fast.get_config(variant)
+  if not variant:
+    # Longer runs can afford the regularisation fast.py drops: base.py's rates of
+    # ShiftScaleRotate (0.5) and one 16-px CoarseDropout hole (0.25).
+    c.num_epochs = 120
+    c.progressive_epochs = 60              # The first half at 24 px (~0.6x a 32-px epoch).
+    c.augment.affine_p = 0.5
+    c.augment.cutout_p = 0.25
+    # The one recipe trick that measured above seed noise in fast.py's validation screens
+    # (+0.65 points at 14 epochs, docs/benchmarks.md).
+    c.whiten_stem = True
+  return c
