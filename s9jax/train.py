@@ -357,21 +357,27 @@ def evaluate_test_set(config, state, images, labels, mesh=None):
 BEST_METRIC = "val_accuracy"  # Never the test set's: it is read once, at the end.
 
 
-def checkpoint_manager(workdir, keep: int) -> ocp.CheckpointManager:
-  # Keep the latest `keep` and the best by validation accuracy. Plain max_to_keep + best_fn
-  # would keep the best N and could delete the newest, so resume would go backwards.
-  policy = ocp.checkpoint_managers.AnyPreservationPolicy([
-      ocp.checkpoint_managers.LatestN(n=keep),
-      # Mid-epoch checkpoints (SIGTERM) carry no metrics: once they fall out of the
-      # latest N they go, instead of being kept forever.
-      ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
-                                    keep_checkpoints_without_metrics=False),
-  ])
+def checkpoint_manager(workdir, keep: int, track_best: bool = True) -> ocp.CheckpointManager:
+  # Keep the latest `keep` and, with `track_best` (a validation split), the best by
+  # validation accuracy. Plain max_to_keep + best_fn would keep the best N and could
+  # delete the newest, so resume would go backwards.
+  latest = ocp.checkpoint_managers.LatestN(n=keep)
+  if not track_best:  # Nothing to rank by; a best_fn would warn at every save.
+    policy, best = latest, {}
+  else:
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+        latest,
+        # Mid-epoch checkpoints (SIGTERM) carry no metrics: once they fall out of the
+        # latest N they go, instead of being kept forever.
+        ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+                                      keep_checkpoints_without_metrics=False),
+    ])
+    best = dict(best_fn=lambda m: m[BEST_METRIC], best_mode="max")
   # A save killed before its final rename leaves only a *.orbax-checkpoint-tmp folder,
   # which is never read back; cleanup removes it on the next start.
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=policy, best_fn=lambda m: m[BEST_METRIC], best_mode="max",
-      enable_async_checkpointing=False, cleanup_tmp_directories=True)
+      preservation_policy=policy, enable_async_checkpointing=False,
+      cleanup_tmp_directories=True, **best)
   return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints",
                                options=options)
 
@@ -671,7 +677,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
       batch["image"] = resize(batch["image"], size)
     return train_step(state, batch, dropout_rng, config.label_smoothing)
 
-  manager = checkpoint_manager(workdir, config.checkpoint_keep)
+  manager = checkpoint_manager(workdir, config.checkpoint_keep, track_best=held_out > 0)
   state = create_train_state(config, init_rng, learning_rate_fn, impl,
                              total_steps=config.num_epochs * steps_per_epoch)
   if config.whiten_stem and manager.latest_step() is None:  # A resume restores it.

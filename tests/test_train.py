@@ -3,6 +3,7 @@
 import contextlib
 import functools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -305,6 +306,20 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_archive
   with pytest.raises(train.TrainingDiverged, match=r"at step 5 \(epoch 2\).*checkpoint is step 3"):
     train.train_and_evaluate(config, work)
   assert train.checkpoint_manager(work, 3).all_steps() == [3]
+
+
+def test_without_a_validation_split_checkpoints_rank_nothing_and_log_no_warning(
+    tiny_archive, tmp_path, caplog):
+  # Report runs hold no validation split: a best-by-validation tracker there had nothing
+  # to rank and made Orbax warn at every epoch's save.
+  config = tiny_config(tiny_archive, tmp_path / "tfds", num_epochs=2, checkpoint_keep=1,
+                       plots=False)
+  with caplog.at_level(logging.WARNING):
+    records = train.train_and_evaluate(config, tmp_path / "work")
+  assert [m for r in caplog.records if "metrics" in (m := r.getMessage())] == []
+  manager = train.checkpoint_manager(tmp_path / "work", 1, track_best=False)
+  assert manager.all_steps() == [records[-1]["step"]]
+  manager.close()
 
 
 def test_sigterm_mid_epoch_saves_and_resume_gives_the_same_metrics(tiny_archive, tmp_path, monkeypatch):
