@@ -361,18 +361,15 @@ def checkpoint_manager(workdir, keep: int, track_best: bool = True) -> ocp.Check
   # Keep the latest `keep` and, with `track_best` (a validation split), the best by
   # validation accuracy. Plain max_to_keep + best_fn would keep the best N and could
   # delete the newest, so resume would go backwards.
-  latest = ocp.checkpoint_managers.LatestN(n=keep)
-  if not track_best:  # Nothing to rank by; a best_fn would warn at every save.
-    policy, best = latest, {}
-  else:
-    policy = ocp.checkpoint_managers.AnyPreservationPolicy([
-        latest,
-        # Mid-epoch checkpoints (SIGTERM) carry no metrics: once they fall out of the
-        # latest N they go, instead of being kept forever.
-        ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
-                                      keep_checkpoints_without_metrics=False),
-    ])
-    best = dict(best_fn=lambda m: m[BEST_METRIC], best_mode="max")
+  policy, best = ocp.checkpoint_managers.LatestN(n=keep), {}
+  if track_best:  # Without it there is nothing to rank by, and a best_fn warns every save.
+    metric = lambda m: m[BEST_METRIC]
+    # Mid-epoch checkpoints (SIGTERM) carry no metrics: once they fall out of the latest N
+    # they go, instead of being kept forever.
+    best_one = ocp.checkpoint_managers.BestN(get_metric_fn=metric, n=1,
+                                             keep_checkpoints_without_metrics=False)
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy([policy, best_one])
+    best = dict(best_fn=metric, best_mode="max")
   # A save killed before its final rename leaves only a *.orbax-checkpoint-tmp folder,
   # which is never read back; cleanup removes it on the next start.
   options = ocp.CheckpointManagerOptions(
