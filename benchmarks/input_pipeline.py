@@ -12,10 +12,11 @@ a ready batch, then one line per worker count:
 and last `data on device` (`augment.backend = 'jax'`): the training set placed on the
 device once, the host sending indices, the step gathering and augmenting them, end to end.
 `pipeline`: batches taken as fast as they come, nothing else running. `end to end`: the
-training loop's work per batch: the next batch, then `train.train_step` on it, JAX's
-dispatch running ahead as in training (what a 2-core machine really delivers: the
-augmentation and the step share its cores). Start-up (worker processes, compilation) is
-not timed: `--warmup` batches first.
+training loop's work per batch: the next batch (uint8), then
+`train.train_step_on_host_batch` on it (which normalises it), JAX's dispatch running
+ahead as in training (what a 2-core machine really delivers: the augmentation and the
+step share its cores). Start-up (worker processes, compilation) is not timed: `--warmup`
+batches first.
 
 Images: 50,000 random uint8 images by default (augmentation costs the same on any
 content; nothing to download), or the config's training split with --images dataset.
@@ -58,14 +59,15 @@ class Trainer:
   """The real train step on a state of the config's network, compiled and warm.
   The state is donated to each step, so it lives here, threaded from step to step."""
 
-  def __init__(self, config):
+  def __init__(self, config, mean, std):
     self.config = config
+    self.normalize = functools.partial(input_pipeline.normalize_batch, mean=mean, std=std)
     self.state = train.create_train_state(config, jax.random.PRNGKey(0),
                                           train.create_learning_rate_fn(config, 100))
     self.key = jax.random.PRNGKey(1)
     rng = np.random.default_rng(0)
     self.ready_batch = {
-        "image": rng.normal(size=(config.batch_size, 32, 32, 3)).astype(np.float32),
+        "image": rng.integers(0, 256, (config.batch_size, 32, 32, 3), dtype=np.uint8),
         "label": rng.integers(0, 10, config.batch_size).astype(np.int32)}
     self.run(lambda: self.ready_batch, 2)  # Compile.
 
@@ -81,8 +83,9 @@ class Trainer:
             self.state, train_set, batch["index"], self.key, self.key, augment,
             self.config.augment.image_size, self.config.label_smoothing, batch.get("flip"))
       else:
-        self.state, metrics = train.train_step(self.state, next_batch(), self.key,
-                                               self.config.label_smoothing)
+        self.state, metrics = train.train_step_on_host_batch(
+            self.state, next_batch(), self.key, self.normalize,
+            self.config.augment.image_size, self.config.label_smoothing)
     jax.block_until_ready(metrics)
     return time.perf_counter() - start
 
@@ -117,7 +120,7 @@ def main():
   config = importlib.import_module(f"configs.{args.config}").get_config()
   images, labels = training_images(config, args.images)
   mean, std = input_pipeline.channel_stats(images)
-  trainer = Trainer(config)
+  trainer = Trainer(config, mean, std)
   trainer.run(lambda: trainer.ready_batch, 5)
   step_ips = 20 * config.batch_size / trainer.run(lambda: trainer.ready_batch, 20)
   print(f"{args.config}, batch {config.batch_size}, {os.cpu_count()} cores, {args.images} "

@@ -179,10 +179,8 @@ def logits_function(apply_fn: Callable, mean, std, flip: bool = False, translate
   normalised as training's Normalize does ((x / 255 - mean) / std, the run's statistics),
   the network (`apply_fn`, a Flax module's apply) in eval mode, and the logits averaged
   over the test-time augmentations by `train.tta_logits`, as the evaluation does."""
-  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-
   def f(variables, images):
-    x = (images.astype(jnp.float32) / 255.0 - mean) / std
+    x = input_pipeline.normalize_batch(images, mean, std)
     return train.tta_logits(apply_fn, variables, x, flip, translate,
                             translate_weight).astype(jnp.float32)
 

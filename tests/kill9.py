@@ -49,7 +49,7 @@ def kill_on_call(fn, n: int, before=True):
 
 def arm(point: str, n: int):
   if point == "step":
-    train.train_step = kill_on_call(train.train_step, n)
+    train.train_step_on_host_batch = kill_on_call(train.train_step_on_host_batch, n)
   elif point == "eval":
     train.evaluate = kill_on_call(train.evaluate, n)
   elif point == "metrics":

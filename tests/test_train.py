@@ -327,7 +327,7 @@ def test_sigterm_mid_epoch_saves_and_resume_gives_the_same_metrics(tiny_archive,
                        checkpoint_keep=1)
   uninterrupted = train.train_and_evaluate(config, tmp_path / "a")
 
-  real_step, calls = train.train_step, []
+  real_step, calls = train.train_step_on_host_batch, []
 
   def step_then_sigterm(*args, **kwargs):
     calls.append(1)
@@ -335,10 +335,10 @@ def test_sigterm_mid_epoch_saves_and_resume_gives_the_same_metrics(tiny_archive,
       os.kill(os.getpid(), signal.SIGTERM)
     return real_step(*args, **kwargs)
 
-  monkeypatch.setattr(train, "train_step", step_then_sigterm)
+  monkeypatch.setattr(train, "train_step_on_host_batch", step_then_sigterm)
   with pytest.raises(train.Interrupted, match=r"epoch 2, step 2/3: saved checkpoint 5"):
     train.train_and_evaluate(config, tmp_path / "b")
-  monkeypatch.setattr(train, "train_step", real_step)
+  monkeypatch.setattr(train, "train_step_on_host_batch", real_step)
   resumed = train.train_and_evaluate(config, tmp_path / "b")
 
   assert without_timings(resumed) == without_timings(uninterrupted)
@@ -495,6 +495,28 @@ def test_device_augmentation_backend_trains_reproducibly(tiny_archive, tmp_path)
   assert without_timings(train.train_and_evaluate(config, tmp_path / "b")) == without_timings(first)
 
 
+def test_host_batch_step_normalises_and_resizes_then_takes_the_plain_step(tiny_archive,
+                                                                          tmp_path):
+  """The host pipeline sends augmented uint8 images; the step normalises them with the
+  run's statistics and resizes them (progressive resizing) before the same SGD step."""
+  config = tiny_config(tiny_archive, tmp_path, learning_rate=0.05, schedule="constant")
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, 10).astype(np.int32)
+  mean, std = input_pipeline.channel_stats(images)
+  normalize = functools.partial(input_pipeline.normalize_batch, mean=mean, std=std)
+  dropout_key, start = jax.random.PRNGKey(1), tiny_state(config)
+  batch = {"image": input_pipeline.resize_batch(input_pipeline.normalize(images, mean, std), 16),
+           "label": labels}
+  expected, expected_metrics = jax.jit(train._train_step)(jax.tree.map(jnp.copy, start), batch,
+                                                          dropout_key)
+  got, metrics = train.train_step_on_host_batch(start, {"image": images, "label": labels},
+                                                dropout_key, normalize, 16)
+  np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(expected.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_data_on_device_step_gathers_augments_and_trains_as_the_host_path(tiny_archive, tmp_path):
   """`augment.backend = 'jax'`: the host sends indices; the step gathers them from the
   training set on the device, augments (seeded by the step), resizes, and then takes the
@@ -539,17 +561,18 @@ def test_progressive_resizing_trains_small_then_validates_every_epoch_and_tests_
   config = tiny_config(tiny_archive, tmp_path / "tfds", num_epochs=3, progressive_epochs=1,
                        progressive_size=16, **{"data.validation_size": 10})
   seen, evaluated = [], []
-  step, evaluate = train.train_step, train.evaluate
+  step, evaluate = train.train_step_on_host_batch, train.evaluate
 
-  def recording_step(state, batch, *args):
-    seen.append(batch["image"].shape[1:3])
-    return step(state, batch, *args)
+  def recording_step(state, batch, dropout_rng, normalize, size, *args):
+    assert batch["image"].dtype == np.uint8 and batch["image"].shape[1:3] == (32, 32)
+    seen.append((size, size))  # The step resizes (test_host_batch_step_...).
+    return step(state, batch, dropout_rng, normalize, size, *args)
 
   def recording_evaluate(state, images, labels, *args, **kwargs):
     evaluated.append((kwargs.get("split", "test"), len(images)))
     return evaluate(state, images, labels, *args, **kwargs)
 
-  monkeypatch.setattr(train, "train_step", recording_step)
+  monkeypatch.setattr(train, "train_step_on_host_batch", recording_step)
   monkeypatch.setattr(train, "evaluate", recording_evaluate)
   work = tmp_path / "work"
   records = train.train_and_evaluate(config, work)
