@@ -3,9 +3,9 @@ fast.py's at about 2/3 of its widths, one residual block at 4x4; best.py's recip
 CoarseDropout.
 
 Run:      python -m s9jax.train --config configs/tiny.py --workdir runs/tiny
-Expected: ~86% test accuracy (CIFAR-10 JPEG copy; 86.08% on the one report seed run so
-far) in ~40 min wall on a 2-core laptop-class CPU, dataset already prepared (figures with
-their commands and what is left toward 87.5%: docs/benchmarks.md).
+Expected: ~85.9% test accuracy (CIFAR-10 JPEG copy; 85.85 +- 0.45%, min 85.33%, over 3
+report seeds) in ~33-38 min wall on a 2-core laptop-class CPU, dataset already prepared
+(figures with their commands and what is left toward 87.5%: docs/benchmarks.md).
 A fixed recipe, so it trains on all 50,000 images; to change it, tune on the validation
 split: --config.data.validation_size=5000.
 """

@@ -536,8 +536,9 @@ def device_augment(rng, images, aug_config, mean, std, flip=None):
   host cannot keep up (`augment.backend = 'jax'`): HorizontalFlip, the Affine standing
   in for ShiftScaleRotate (bilinear, dataset-mean border), CoarseDropout (one hole of the
   dataset mean), Resize, then `normalize_batch`; the same order and probabilities as
-  `train_transform` and the host path's step. Same distributions, not the same draws. `flip` (bool per image),
-  when given, replaces HorizontalFlip's draw (`augment.alternate_flip`)."""
+  `train_transform` and the host path's step. Same distributions, not the same draws.
+  `flip` (bool per image), when given, replaces HorizontalFlip's draw
+  (`augment.alternate_flip`)."""
   n, h, w, c = images.shape
   fill = jnp.asarray(mean, jnp.float32) * 255.0
   x = images.astype(jnp.float32)

@@ -259,8 +259,8 @@ def _train_step_on_host_batch(state: TrainState, batch, dropout_rng, normalize, 
                               label_smoothing: float = 0.0):
   """`_train_step` on a host pipeline's batch of augmented uint8 images: `normalize`
   (`input_pipeline.normalize_batch` with the run's statistics bound) and the resize to
-  `size` pixels (progressive resizing) run inside the step, where XLA fuses them into
-  the first conv's input, and the host sends a quarter of float32's bytes."""
+  `size` pixels (progressive resizing) run inside the step's one XLA program, off the
+  host's per-image path, and the host sends a quarter of float32's bytes."""
   images = normalize(batch["image"])
   if size != images.shape[1]:
     images = input_pipeline.resize_batch(images, size)
