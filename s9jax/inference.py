@@ -176,7 +176,7 @@ def tta_options(config) -> dict:
 def logits_function(apply_fn: Callable, mean, std, flip: bool = False, translate: int = 0,
                     translate_weight: float = 0.5) -> Callable:
   """f(variables, images) -> float32 logits, pure and jittable: uint8 NHWC RGB images
-  normalised as training's Normalize does ((x / 255 - mean) / std, the run's statistics),
+  normalised as training does (`input_pipeline.normalize_batch`, the run's statistics),
   the network (`apply_fn`, a Flax module's apply) in eval mode, and the logits averaged
   over the test-time augmentations by `train.tta_logits`, as the evaluation does."""
   def f(variables, images):

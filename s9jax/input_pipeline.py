@@ -500,7 +500,7 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def train_transform(aug_config, mean: np.ndarray, std: np.ndarray) -> A.Compose:
   """The reference's augmentations with Albumentations 2.x names; strict=True makes a
   misspelt or renamed argument an error rather than a silently ignored default."""
-  fill = tuple(float(m) * 255.0 for m in mean)  # uint8 units: this runs before Normalize.
+  fill = tuple(float(m) * 255.0 for m in mean)  # uint8 units: the step normalises later.
   size = aug_config.image_size
   transforms = []
   if aug_config.hflip_p > 0 and not aug_config.alternate_flip:  # Else flipped before this.
