@@ -36,7 +36,7 @@ def evaluate_checkpoint(config, workdir, which: str = "final") -> dict:
   config, state, mean, std, meta = inference.restore(workdir, which, config=config, mesh=mesh)
   step = int(state.step)
   images, labels = input_pipeline.load_split(config.data, "test")
-  inputs = input_pipeline.normalize(images, mean, std)
+  inputs = input_pipeline.normalize_batch(images, mean, std)
   metrics, predictions = train.evaluate_test_set(config, state, inputs, labels, mesh)
   names = input_pipeline.CLASS_NAMES
   matrix = np.zeros((len(names), len(names)), np.int64)

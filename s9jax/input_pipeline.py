@@ -598,11 +598,6 @@ def resize_batch(images, size: int):
   return jax.image.resize(images, (n, size, size, c), "linear", antialias=True)
 
 
-def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-  """Evaluation input: training's `normalize_batch`, on the host, once per run."""
-  return normalize_batch(np.asarray(images), mean, std)
-
-
 def alternating_flips(seed: int, count: int) -> np.ndarray:
   """airbench's alternating flip: image i is mirrored in epochs e with (start[i] + e) odd,
   `start` a fair coin per image, so every image is seen both ways every two epochs

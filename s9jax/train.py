@@ -255,16 +255,23 @@ def train_step(state: TrainState, batch, dropout_rng, label_smoothing: float = 0
   return jitted_train_step(jax.default_backend())(state, batch, dropout_rng, label_smoothing)
 
 
+def _train_step_at_size(state: TrainState, images, labels, dropout_rng, size: int,
+                        label_smoothing: float):
+  """`_train_step` on normalised `images`, first resized to `size` pixels where they
+  differ (progressive resizing): the tail both input paths share."""
+  if size != images.shape[1]:
+    images = input_pipeline.resize_batch(images, size)
+  return _train_step(state, {"image": images, "label": labels}, dropout_rng, label_smoothing)
+
+
 def _train_step_on_host_batch(state: TrainState, batch, dropout_rng, normalize, size: int,
                               label_smoothing: float = 0.0):
   """`_train_step` on a host pipeline's batch of augmented uint8 images: `normalize`
   (`input_pipeline.normalize_batch` with the run's statistics bound) and the resize to
   `size` pixels (progressive resizing) run inside the step's one XLA program, off the
   host's per-image path, and the host sends a quarter of float32's bytes."""
-  images = normalize(batch["image"])
-  if size != images.shape[1]:
-    images = input_pipeline.resize_batch(images, size)
-  return _train_step(state, {**batch, "image": images}, dropout_rng, label_smoothing)
+  return _train_step_at_size(state, normalize(batch["image"]), batch["label"], dropout_rng,
+                             size, label_smoothing)
 
 
 def train_step_on_host_batch(state: TrainState, batch, dropout_rng, normalize, size: int,
@@ -284,10 +291,8 @@ def _train_step_on_device(state: TrainState, train_set, index, dropout_rng, augm
   resized to `size` pixels if smaller (progressive resizing)."""
   images = augment(jax.random.fold_in(augment_rng, state.step), train_set["image"][index],
                    flip=flip)
-  if size != images.shape[1]:
-    images = input_pipeline.resize_batch(images, size)
-  batch = {"image": images, "label": train_set["label"][index]}
-  return _train_step(state, batch, dropout_rng, label_smoothing)
+  return _train_step_at_size(state, images, train_set["label"][index], dropout_rng, size,
+                             label_smoothing)
 
 
 def train_step_on_device(state: TrainState, train_set, index, dropout_rng, augment_rng,
@@ -660,8 +665,9 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
   split = len(images) - held_out
   train_images, train_labels = images[:split], labels[:split]
   mean, std = input_pipeline.channel_stats(train_images)  # Train, validation, test alike.
-  val_inputs, val_labels = input_pipeline.normalize(images[split:], mean, std), labels[split:]
-  test_inputs = input_pipeline.normalize(test_images, mean, std)
+  normalize = functools.partial(input_pipeline.normalize_batch, mean=mean, std=std)
+  val_inputs, val_labels = normalize(images[split:]), labels[split:]
+  test_inputs = normalize(test_images)
   on_device = config.augment.backend == "jax"
   batches = input_pipeline.TrainBatches(
       train_images, train_labels,
@@ -677,7 +683,6 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   augment_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xA06)
-  normalize = functools.partial(input_pipeline.normalize_batch, mean=mean, std=std)
   if on_device:  # Placed once; from here on the host sends each step's indices alone.
     train_set = place_on_devices({"image": train_images, "label": train_labels}, mesh)
     augment = functools.partial(input_pipeline.device_augment, aug_config=config.augment,

@@ -152,7 +152,7 @@ def test_horizontal_flip_mirrors():
 def test_test_images_are_normalised_with_training_statistics():
   train = np.random.default_rng(2).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
   mean, std = input_pipeline.channel_stats(train)
-  out = input_pipeline.normalize(train, mean, std)
+  out = input_pipeline.normalize_batch(train, mean, std)
   np.testing.assert_allclose(out.reshape(-1, 3).mean(0), 0, atol=1e-5)
   np.testing.assert_allclose(out.reshape(-1, 3).std(0), 1, atol=1e-4)
 
@@ -415,8 +415,8 @@ def augment_both_ways(aug_overrides, copies=400):
   mean, std = input_pipeline.channel_stats(images)
   transform = input_pipeline.train_transform(config.augment, mean, std)
   transform.set_random_seed(0)
-  host = input_pipeline.normalize(np.stack([transform(image=im)["image"] for im in images]),
-                                 mean, std)
+  host = input_pipeline.normalize_batch(
+      np.stack([transform(image=im)["image"] for im in images]), mean, std)
   device = np.asarray(jax.jit(lambda r, x: input_pipeline.device_augment(
       r, x, config.augment, mean, std))(jax.random.PRNGKey(0), images))
   return host, device

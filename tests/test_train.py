@@ -506,8 +506,7 @@ def test_host_batch_step_normalises_and_resizes_then_takes_the_plain_step(tiny_a
   mean, std = input_pipeline.channel_stats(images)
   normalize = functools.partial(input_pipeline.normalize_batch, mean=mean, std=std)
   dropout_key, start = jax.random.PRNGKey(1), tiny_state(config)
-  batch = {"image": input_pipeline.resize_batch(input_pipeline.normalize(images, mean, std), 16),
-           "label": labels}
+  batch = {"image": input_pipeline.resize_batch(normalize(images), 16), "label": labels}
   expected, expected_metrics = jax.jit(train._train_step)(jax.tree.map(jnp.copy, start), batch,
                                                           dropout_key)
   got, metrics = train.train_step_on_host_batch(start, {"image": images, "label": labels},
@@ -532,7 +531,7 @@ def test_data_on_device_step_gathers_augments_and_trains_as_the_host_path(tiny_a
                                                mean=mean, std=std)
   # With every augmentation off it is the host path's Normalize, and mirrors just the
   # images the host says to (alternating flips).
-  plain = input_pipeline.normalize(images[index], mean, std)
+  plain = input_pipeline.normalize_batch(images[index], mean, std)
   none = config.augment.copy_and_resolve_references()
   none.update(hflip_p=0.0, affine_p=0.0, cutout_p=0.0)
   np.testing.assert_allclose(augment_with(none)(augment_key, images[index]), plain, atol=1e-5)

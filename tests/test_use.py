@@ -69,7 +69,7 @@ def test_load_gives_probabilities_that_agree_with_the_training_code(run):
   # run's test-time augmentations: the same predictions, the same loss.
   config, state, mean, std, _ = inference.restore(run.workdir)
   metrics, predictions = train.evaluate_test_set(
-      config, state, input_pipeline.normalize(images, mean, std), labels)
+      config, state, input_pipeline.normalize_batch(images, mean, std), labels)
   np.testing.assert_array_equal(probabilities.argmax(-1), predictions)
   loss = -np.log(probabilities[np.arange(len(labels)), labels]).mean()
   assert loss == pytest.approx(metrics["test_loss"], rel=1e-4)
