@@ -69,7 +69,10 @@ def get_config(variant: str = ""):
   c.num_epochs = 30
   c.batch_size = 256                      # Global, over all devices and hosts.
   c.eval_batch_size = 500                 # Evaluation only: any value gives the same figures.
-  c.optimizer = "sgd"                     # SGD, Nesterov momentum.
+  c.optimizer = "sgd"                     # SGD, Nesterov momentum; "muon": the hidden
+  c.muon_learning_rate = 0.24             #   conv kernels by Muon at this peak rate (the
+  c.muon_momentum = 0.6                   #   schedule's shape) and momentum, their norms
+                                          #   held fixed instead of decayed (airbench94_muon).
   c.learning_rate = 0.2                   # Peak; used as given (not rescaled with batch_size).
   c.momentum = 0.9
   c.nesterov = True

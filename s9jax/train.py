@@ -117,8 +117,8 @@ def create_learning_rate_fn(config, steps_per_epoch: int):
 
 
 def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
-  if config.optimizer != "sgd":
-    raise ConfigError(f"optimizer must be 'sgd', got {config.optimizer!r}")
+  if config.optimizer not in ("sgd", "muon"):
+    raise ConfigError(f"optimizer must be 'sgd' or 'muon', got {config.optimizer!r}")
   # Decay conv kernels only: BatchNorm scales and biases are not weights to shrink.
   kernels = lambda params: jax.tree_util.tree_map_with_path(
       lambda path, _: path[-1].key == "kernel", params)
@@ -126,22 +126,69 @@ def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
       learning_rate_fn if scale == 1.0 else lambda step: scale * learning_rate_fn(step),
       momentum=config.momentum, nesterov=config.nesterov)
   decayed_sgd = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=kernels), sgd())
-  if config.bn_bias_lr_scale == 1.0 and not config.bn_scale_frozen and not config.whiten_stem:
+  if (config.optimizer == "sgd" and config.bn_bias_lr_scale == 1.0
+      and not config.bn_scale_frozen and not config.whiten_stem):
     return decayed_sgd  # One group: checkpoints of such runs keep their optimizer state.
 
-  def group(path, _):
+  def group(path, leaf):
     if config.whiten_stem and tuple(k.key for k in path) == STEM_KERNEL:
       return "frozen"
     if not any("BatchNorm" in str(getattr(key, "key", "")) for key in path):
+      if config.optimizer == "muon" and is_hidden_conv_kernel(path, leaf):
+        return "muon"
       return "weights"
     return "bn_scale" if path[-1].key == "scale" else "bn_bias"
 
   # airbench's BatchNorm: scales frozen at 1, biases at a multiple of the learning rate.
-  return optax.multi_transform(
-      {"weights": decayed_sgd, "bn_bias": sgd(config.bn_bias_lr_scale),
-       "bn_scale": optax.set_to_zero() if config.bn_scale_frozen else sgd(),
-       "frozen": optax.set_to_zero()},
-      lambda params: jax.tree_util.tree_map_with_path(group, params))
+  groups = {"weights": decayed_sgd, "bn_bias": sgd(config.bn_bias_lr_scale),
+            "bn_scale": optax.set_to_zero() if config.bn_scale_frozen else sgd(),
+            "frozen": optax.set_to_zero()}
+  if config.optimizer == "muon":
+    groups["muon"] = muon(config, learning_rate_fn)
+  return optax.multi_transform(groups,
+                               lambda params: jax.tree_util.tree_map_with_path(group, params))
+
+
+def is_hidden_conv_kernel(path, leaf) -> bool:
+  """A conv kernel other than the classifier's (whose outputs are the class logits)."""
+  return path[-1].key == "kernel" and leaf.ndim == 4 and leaf.shape[-1] != models.NUM_CLASSES
+
+
+def muon_dimensions(path, leaf):
+  """How Muon reads a kernel (kh, kw, in, out) as matrices: a dense or 1x1 conv as one
+  (kh*kw*in) x out map; a depthwise conv as `out` separate 9 x 1 maps, one per channel,
+  whose orthogonal update is the channel's gradient scaled to unit norm."""
+  if any(getattr(key, "key", None) == "depthwise" for key in path):
+    return optax.contrib.MuonDimensionNumbers(reduction_axis=(0, 1), output_axis=2)
+  return optax.contrib.MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3)
+
+
+def muon(config, learning_rate_fn) -> optax.GradientTransformation:
+  """airbench94_muon's optimizer for the hidden conv kernels: Nesterov momentum,
+  orthogonalised by Newton-Schulz (`optax.contrib.scale_by_muon`), a step of
+  `muon_learning_rate` x the schedule's shape, then each kernel rescaled to a fixed
+  norm (sqrt of its output channels). BatchNorm follows every such conv, so a kernel's
+  norm does nothing but set its effective step size; holding it fixed stands in for
+  weight decay, and keeps the step the rate says."""
+  scale = config.muon_learning_rate / config.learning_rate
+  dimensions = lambda tree: jax.tree_util.tree_map_with_path(muon_dimensions, tree)
+  return optax.chain(
+      optax.contrib.scale_by_muon(beta=config.muon_momentum, nesterov=True,
+                                  weight_dimension_numbers=dimensions),
+      optax.scale_by_learning_rate(lambda step: scale * learning_rate_fn(step)),
+      hold_kernel_norms())
+
+
+def hold_kernel_norms() -> optax.GradientTransformation:
+  """Turns each update into the step to `params + update` rescaled to norm sqrt(out)."""
+
+  def update_fn(updates, state, params):
+    def step(update, param):
+      new = param + update
+      return new * (jnp.sqrt(new.shape[-1]) / jnp.linalg.norm(new)) - param
+    return jax.tree.map(step, updates, params), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
 STEM_KERNEL = ("Conv_0", "kernel")  # s9net's first conv, on the RGB input.
@@ -483,7 +530,7 @@ RESUMABLE_CHANGES = ("data.workers", "data.data_dir", "data.source_path", "data.
 # trains as those runs did: a workdir's config.json from before reads as holding it.
 ADDED_KEYS = {"eval_translate_weight": 0.5, "augment.alternate_flip": False,
               "bn_bias_lr_scale": 1.0, "bn_scale_frozen": False, "whiten_stem": False,
-              "lookahead_every": 0}
+              "lookahead_every": 0, "muon_learning_rate": 0.24, "muon_momentum": 0.6}
 
 
 def with_added_keys(saved: dict) -> dict:
@@ -563,6 +610,8 @@ def validate_config(config):
                     "(half the filters are the other half negated)")
   if config.lookahead_every < 0:
     problems.append(f"lookahead_every must be >= 0, got {config.lookahead_every}")
+  if config.optimizer == "muon" and not config.muon_learning_rate > 0:
+    problems.append(f"muon_learning_rate must be > 0, got {config.muon_learning_rate}")
   if not config.bn_bias_lr_scale > 0:
     problems.append(f"bn_bias_lr_scale must be > 0, got {config.bn_bias_lr_scale}")
   if config.weight_decay < 0:

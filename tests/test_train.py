@@ -89,6 +89,50 @@ def test_batchnorm_biases_learn_faster_and_scales_can_freeze(tiny_archive, tmp_p
   assert groups == {"bn_bias", "bn_scale", "kernel", "['Conv_2']['bias']"}
 
 
+def test_muon_steps_hidden_kernels_by_orthogonal_updates_at_held_norms(tiny_archive, tmp_path):
+  """optimizer='muon': every hidden conv kernel takes an orthogonalised step of the Muon
+  rate and is rescaled to norm sqrt(out); a depthwise kernel is one 9-tap map per
+  channel; the classifier and BatchNorm keep SGD's step and decay."""
+  config = tiny_config(tiny_archive, tmp_path, learning_rate=0.1, momentum=0.0,
+                       weight_decay=0.5, schedule="constant", optimizer="muon",
+                       muon_learning_rate=0.5)
+  state = tiny_state(config)
+  depthwise = ("ResidualSeparable_0", "SeparableConv_0", "depthwise", "kernel")
+  grads = jax.tree.map(jnp.ones_like, state.params)
+  taps = np.arange(9, dtype=np.float32).reshape(3, 3) - 4
+  channels = np.zeros(state.params[depthwise[0]][depthwise[1]][depthwise[2]]["kernel"].shape,
+                      np.float32)
+  channels[:, :, 0, 0], channels[:, :, 0, 1] = taps, 100 * taps  # Same direction, 100x.
+  grads[depthwise[0]][depthwise[1]][depthwise[2]]["kernel"] = jnp.asarray(channels)
+  after = state.apply_gradients(grads=grads).params
+  hidden = 0
+  for (path, old), new in zip(jax.tree_util.tree_leaves_with_path(state.params),
+                              jax.tree.leaves(after)):
+    keys = tuple(k.key for k in path)
+    if keys[-1] == "kernel" and old.shape[-1] != 10:
+      hidden += 1
+      assert float(jnp.linalg.norm(new)) == pytest.approx(np.sqrt(old.shape[-1]), rel=1e-5)
+    elif keys[-1] == "kernel":  # The classifier.
+      np.testing.assert_allclose(new, old * (1 - 0.1 * 0.5) - 0.1, rtol=1e-5, atol=1e-7)
+    else:
+      np.testing.assert_allclose(new, old - 0.1, rtol=1e-6)
+    if keys == depthwise:
+      old, new = np.asarray(old)[:, :, 0], np.asarray(new)[:, :, 0]
+      rescale = new[..., 2:] / old[..., 2:]  # Channels without a gradient only rescale,
+      np.testing.assert_allclose(rescale, rescale.flat[0], rtol=1e-4)  # all by one factor.
+      steps = new[..., :2] / rescale.flat[0] - old[..., :2]
+      norms = np.linalg.norm(steps.reshape(9, 2), axis=0)
+      # Each channel's own step: against its gradient, of the rate's size whatever the
+      # gradient's (Newton-Schulz leaves singular values within ~0.7-1.2 of 1).
+      np.testing.assert_allclose(norms[0], norms[1], rtol=1e-4)
+      assert 0.5 * 0.6 < norms[0] < 0.5 * 1.3
+      for c in range(2):
+        np.testing.assert_allclose(steps[..., c] / norms[c], -taps / np.linalg.norm(taps),
+                                   atol=1e-4)
+  assert hidden == len([k for k in jax.tree_util.tree_leaves_with_path(state.params)
+                        if k[0][-1].key == "kernel"]) - 1
+
+
 def test_whitened_stem_decorrelates_patches_and_stays_frozen_in_training(tiny_archive, tmp_path):
   rng = np.random.default_rng(0)
   noise = rng.normal(size=(300, 36, 36, 3))  # Neighbouring pixels correlated, as in photos.
