@@ -133,9 +133,9 @@ def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
   def group(path, leaf):
     if config.whiten_stem and tuple(k.key for k in path) == STEM_KERNEL:
       return "frozen"
+    if config.optimizer == "muon" and is_hidden_conv_kernel(path, leaf):
+      return "muon"
     if not any("BatchNorm" in str(getattr(key, "key", "")) for key in path):
-      if config.optimizer == "muon" and is_hidden_conv_kernel(path, leaf):
-        return "muon"
       return "weights"
     return "bn_scale" if path[-1].key == "scale" else "bn_bias"
 
