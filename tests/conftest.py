@@ -5,7 +5,9 @@ import importlib
 import io
 import os
 import pathlib
+import shutil
 import tarfile
+import tempfile
 
 import numpy as np
 import pytest
@@ -16,6 +18,20 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # cost: as Flax's example tests do, compile with most optimisations off (test_models.py:
 # 58 -> 29 s on 2 cores). In the environment, so the CLI subprocesses inherit it.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# Most tests compile the same tiny networks, many in fresh processes (the CLI, the
+# crash and multi-host drills): one JAX compilation cache for the whole run, workers and
+# subprocesses alike, compiles each program once. A new directory per run, made by the
+# process pytest starts (xdist's workers inherit its environment), so a run never reads
+# another's; removed at the end (pytest_sessionfinish). A size limit turns on JAX's file
+# lock (the `filelock` package): no process reads an entry another is still writing.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _RUN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+      prefix="s9jax-tests-jax-cache-")
+  os.environ.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+                    JAX_COMPILATION_CACHE_MAX_SIZE=str(4 << 30))
+else:
+  _RUN_CACHE = None  # The caller's own cache: used, not removed.
 
 from s9jax import input_pipeline  # noqa: E402
 
@@ -48,6 +64,12 @@ def write_tiny_tree(root: pathlib.Path, per_class={"train": 3, "test": 2}):
       folder.mkdir(parents=True, exist_ok=True)
       for i in range(count):
         (folder / f"{i:04d}.png").write_bytes(png_bytes(class_colour(label)))
+
+
+def pytest_sessionfinish(session):
+  # Only the process that made the run's cache removes it (xdist's workers inherit it).
+  if _RUN_CACHE:
+    shutil.rmtree(_RUN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
