@@ -66,6 +66,17 @@ def write_tiny_tree(root: pathlib.Path, per_class={"train": 3, "test": 2}):
         (folder / f"{i:04d}.png").write_bytes(png_bytes(class_colour(label)))
 
 
+# The two subprocess drills, ~40-70 s of module fixtures each, run first. xdist's
+# worksteal gives each worker half the list and lets an idle one take the far end of
+# another's queue: at the front they never end the run late, and a steal never splits
+# one module across two workers, which would run its fixture twice.
+RUN_FIRST = ("test_multihost.py", "test_sharding.py")
+
+
+def pytest_collection_modifyitems(items):
+  items.sort(key=lambda item: item.path.name not in RUN_FIRST)  # Stable: order kept within.
+
+
 def pytest_sessionfinish(session):
   # Only the process that made the run's cache removes it (xdist's workers inherit it).
   if _RUN_CACHE:
