@@ -3,9 +3,9 @@ frozen whitening stem, trained 5x as long with base.py's full augmentation; a ru
 the 90-minute budget on a 2-core CPU.
 
 Run:      python -m s9jax.train --config configs/best.py --workdir runs/best
-Expected: ~87.7% test accuracy (CIFAR-10 JPEG copy; 87.68% on the one report seed run so
-far) in ~60 min wall on a 2-core laptop-class CPU, dataset already prepared (figures with
-their commands and what is left toward 91.5%: docs/benchmarks.md).
+Expected: ~87.8% test accuracy (CIFAR-10 JPEG copy; 87.77 +- 0.10%, min 87.68%, over 3
+report seeds) in ~60-75 min wall on a 2-core laptop-class CPU, dataset already prepared
+(figures with their commands and what is left toward 91.5%: docs/benchmarks.md).
 A fixed recipe, so it trains on all 50,000 images; to change it, tune on the validation
 split: --config.data.validation_size=5000.
 """
