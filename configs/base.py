@@ -57,6 +57,7 @@ def get_config(variant: str = ""):
   c.model.dtype = "float32"               # 'bfloat16': mixed precision (params stay float32).
   c.model.stem_width = 24
   c.model.stem_stride = 1                 # 2: the stem downsamples (see configs/fast.py).
+  c.model.stem_depth = 0                  # Residual separable blocks at the stem's resolution.
   c.model.widths = (48, 96, 160)          # Channels at 16x16, 8x8, 4x4.
   c.model.depths = (1, 2, 2)              # Residual separable blocks per stage.
   c.model.separable_down = (False, True, True)  # Dense or separable dilated strided conv.

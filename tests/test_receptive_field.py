@@ -75,6 +75,21 @@ def test_traced_rf_equals_gradient_support(name, size):
   assert traced == gradient_support(model, variables, size)
 
 
+def test_stem_blocks_add_their_parameters_and_receptive_field_at_full_resolution():
+  # Two separable 3x3 convs (24 depthwise taps x 9, 24 x 24 pointwise, each with a
+  # BatchNorm scale and bias) at the stem's jump of 1: +2 pixels of receptive field each.
+  config = load_config("base")
+  config.model.stem_depth = 1
+  report = receptive_field.analyse_config(config)
+  assert report.total_params == 190_738 + 2 * (24 * 9 + 24 * 24 + 2 * 24)
+  assert report.rf == 135 + 2 * 2
+  first = next(l for l in report.layers if l.op == "depthwise")
+  assert first.out_shape == (1, 32, 32, 24) and first.jump == 1
+  model = models.create_model(config.model, conv_impl="lax")
+  variables = model.init({"params": jax.random.PRNGKey(0)}, jnp.ones((1, 200, 200, 3)))
+  assert gradient_support(model, variables, 200) == report.rf
+
+
 @pytest.mark.parametrize("name,params,rf", [
     ("seed", 198_776, 105), ("base", 190_738, 135), ("fast", 190_738, 135),
     ("best", 190_738, 135), ("tiny", 57_978, 103)])
