@@ -24,7 +24,7 @@ def get_config(variant: str = ""):
   c.model.widths = (32, 64, 96)
   c.model.depths = (1, 2, 1)
   # One residual separable block at 32x32, the stem's full resolution, before the first
-  # dilated strided conv (base.py's stride-2 dilation-2 form): ~860 parameters, ~1.5x
+  # dilated strided conv (base.py's stride-2 dilation-2 form): 864 parameters, 1.2-1.5x
   # the epoch time, +1.4 points over two seeds at half this schedule (docs/benchmarks.md).
   c.model.stem_stride = 1
   c.model.stem_depth = 1
