@@ -1,6 +1,6 @@
-"""The small recipe: an `s9net` of 58,842 params (receptive field 107), fast.py's form at
-about 2/3 of its widths with one residual separable block at 32x32 after a stride-1
-stem, one residual block at 4x4; best.py's recipe without CoarseDropout.
+"""The small recipe: an `s9net` of 58,842 params (receptive field 107): fast.py's network at
+about 2/3 of its widths, one residual block at 4x4, and base.py's stride-1 stem with one
+residual separable block at 32x32 after it; best.py's recipe without CoarseDropout.
 
 Run:      python -m s9jax.train --config configs/tiny.py --workdir runs/tiny
 Expected: ~86.5% test accuracy (CIFAR-10 JPEG copy; 86.53 +- 0.26%, min 86.35%, over 2
@@ -17,14 +17,15 @@ from configs import best
 def get_config(variant: str = ""):
   # best.py's recipe (120 epochs, 60 at 24 px, whitened stem) on a smaller network.
   c = best.get_config(variant)
-  # fast.py's form at about 2/3 of its widths (stem 16, stages 32/64/96 against 24,
+  # fast.py's network at about 2/3 of its widths (stem 16, stages 32/64/96 against 24,
   # 48/96/160), and one residual block at 4x4 where fast.py has two: those two blocks of
   # 160 channels hold ~110k of its 190k parameters, and cost little compute at 4x4.
   c.model.stem_width = 16
   c.model.widths = (32, 64, 96)
   c.model.depths = (1, 2, 1)
   # One residual separable block at 32x32, the stem's full resolution, before the first
-  # dilated strided conv (base.py's stride-2 dilation-2 form): 864 parameters, 1.2-1.5x
+  # dilated strided conv (base.py's stride-1 stem and stride-2 dilation-2 first stage,
+  # in place of fast.py's stride-2 stem, which has no 32x32 map): 864 parameters, 1.2-1.5x
   # the epoch time, +1.4 points over two seeds at half this schedule (docs/benchmarks.md).
   c.model.stem_stride = 1
   c.model.stem_depth = 1
