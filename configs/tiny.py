@@ -3,8 +3,8 @@ about 2/3 of its widths, one residual block at 4x4, and base.py's stride-1 stem 
 residual separable block at 32x32 after it; best.py's recipe without CoarseDropout.
 
 Run:      python -m s9jax.train --config configs/tiny.py --workdir runs/tiny
-Expected: ~86.5% test accuracy (CIFAR-10 JPEG copy; 86.53 +- 0.26%, min 86.35%, over 2
-report seeds so far) in ~37 min wall on a 2-core laptop-class CPU on a fast day, dataset
+Expected: ~86.5% test accuracy (CIFAR-10 JPEG copy; 86.48 +- 0.21%, min 86.35%, over 3
+report seeds) in ~36-37 min wall on a 2-core laptop-class CPU on a fast day, dataset
 already prepared (figures with their commands and what is left toward 87.5%:
 docs/benchmarks.md).
 A fixed recipe, so it trains on all 50,000 images; to change it, tune on the validation
