@@ -90,7 +90,10 @@ def test_unsupported_layouts_fall_back_to_lax():
 # and 1, and compute the kernel gradient of inputs with under 8 channels by (tap,
 # channel) rows, 8, 4, 2 and 1 at a time. These shapes take every block: 25 = 16 + 8 + 1
 # channels, 85 = 48 + 32 + 5 and 27 = 24 + 3 output channels, output rows of 15 = 8 + 4 +
-# 2 + 1 pixels (stride 1, padding 1), 45 = 5 x 8 + 4 + 1 rows.
+# 2 + 1 pixels (stride 1, padding 1), 45 = 5 x 8 + 4 + 1 rows. The depthwise kernels
+# compute a 3x3 kernel's pixels whose 9 taps all read their source on a path of their
+# own: every case here has such pixels and border ones in the forward and the kernel
+# gradient, and in the input gradient but for stride 2 with dilation 1 (none full).
 @NATIVE
 @pytest.mark.parametrize("x_shape,w_shape,groups,tolerance", [
     ((3, 9, 10, 25), (3, 3, 1, 25), 25, 1e-3),      # depthwise
