@@ -6,7 +6,9 @@ Runs the real jitted `train.train_step` on random data under `jax.profiler`, the
 the Perfetto trace it writes and prints images/s, the slowest ops and the time per op kind
 (XLA's fusion names without their numbers, e.g. `wrapped_reduce-window`,
 `ynn_fusion`). Pass `--hlo FILE` to also write the optimised HLO, to look up what an op
-computes. This is how every fast path in `s9jax/ops.py` was found.
+computes, and `--by-size` to sum the time by the largest map (H x W) of the batch each op
+reads or writes: where a network with blocks at several resolutions spends its step.
+This is how every fast path in `s9jax/ops.py` was found.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import collections
 import gzip
 import importlib
 import json
+import math
 import pathlib
 import re
 import sys
@@ -37,6 +40,8 @@ def main():
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--top", type=int, default=15)
   parser.add_argument("--hlo", help="write the optimised HLO of the step here")
+  parser.add_argument("--by-size", action="store_true",
+                      help="also sum the op time by the largest batch map each op touches")
   args = parser.parse_args()
 
   config = importlib.import_module(f"configs.{args.config}").get_config()
@@ -46,10 +51,12 @@ def main():
   batch = {"image": rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32),
            "label": rng.integers(0, 10, args.batch).astype(np.int32)}
   key = jax.random.PRNGKey(1)
+  hlo = ""
+  if args.hlo or args.by_size:
+    hlo = train.jitted_train_step(jax.default_backend()).lower(
+        state, batch, key, config.label_smoothing).compile().as_text()
   if args.hlo:
-    compiled = train.jitted_train_step(jax.default_backend()).lower(
-        state, batch, key, config.label_smoothing).compile()
-    pathlib.Path(args.hlo).write_text(compiled.as_text())
+    pathlib.Path(args.hlo).write_text(hlo)
   for _ in range(3):  # Compile and warm up.
     state, metrics = train.train_step(state, batch, key, config.label_smoothing)
   jax.block_until_ready(metrics)
@@ -83,6 +90,40 @@ def main():
   print("\nby op kind (ms a step, ops a step):")
   for kind, ms in per_kind.most_common(args.top):
     print(f"  {ms:8.2f}  {kind_count[kind]:5.0f}  {kind}")
+  if args.by_size:
+    print_by_size(per_op, hlo, args.batch)
+
+
+def map_sizes(hlo: str, batch: int) -> dict[str, int]:
+  """Each instruction's name -> the largest H of the square maps of the batch among its
+  result and operands in the optimised HLO: (batch, H, H, C) arrays, and the
+  (batch * H * H, C) matrices of the 1x1 convs and their gradients; 0 for none."""
+  def height(shape: str) -> int:
+    dims = [int(d) for d in shape.split(",") if d]
+    if len(dims) == 4 and dims[0] == batch:
+      return dims[1]
+    side = math.isqrt(dims[0] // batch) if len(dims) == 2 else 0
+    return side if side > 1 and dims[0] == batch * side * side else 0
+
+  instructions = {}  # name -> (its result's height, its operands' names)
+  for line in hlo.splitlines():
+    match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \(?\w+\[([\d,]*)\][^ ]* (.*)", line)
+    if match and match[1] not in instructions:
+      instructions[match[1]] = (height(match[2]), re.findall(r"%([\w.\-]+)", match[3]))
+  return {name: max([own] + [instructions.get(o, (0,))[0] for o in operands])
+          for name, (own, operands) in instructions.items()}
+
+
+def print_by_size(per_op, hlo: str, batch: int):
+  sizes = map_sizes(hlo, batch)
+  per_size = collections.defaultdict(collections.Counter)
+  for name, ms in per_op.items():
+    # Ops of no HLO instruction (the executable's own overhead) go under -1.
+    per_size[sizes.get(name, -1)][re.sub(r"\.\d+$", "", name)] += ms
+  print("\nby the largest batch map an op touches (ms a step; 0: none, -1: not an HLO op):")
+  for size, kinds in sorted(per_size.items(), reverse=True):
+    parts = ", ".join(f"{kind} {ms:.1f}" for kind, ms in kinds.most_common(5))
+    print(f"  {size:>3}x{size:<3} {sum(kinds.values()):8.2f}  {parts}")
 
 
 if __name__ == "__main__":
