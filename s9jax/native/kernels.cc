@@ -211,8 +211,9 @@ inline void DotTaps(const Taps& taps, const float* __restrict image,
 struct TapIndex {
   int64_t rows, cols, src_cols;
   std::vector<int64_t> row_of, col_of;  // (rows, kh), (cols, kw).
-  std::vector<char> col_full;            // (cols,): every kernel column reads a source one.
-  std::vector<int64_t> full_cols;        // The columns v with col_full[v], in order.
+  // Whether every kernel row (column) of a destination row (column) reads a source one:
+  // a pixel at a full row and a full column takes all kh * kw taps.
+  std::vector<char> row_full, col_full;  // (rows,), (cols,).
 };
 
 template <typename Row, typename Col>
@@ -224,12 +225,14 @@ TapIndex MakeTapIndex(const Geometry& g, int64_t rows, int64_t cols, int64_t src
     for (int64_t i = 0; i < g.kh; ++i) index.row_of[u * g.kh + i] = row(u, i);
   for (int64_t v = 0; v < cols; ++v)
     for (int64_t j = 0; j < g.kw; ++j) index.col_of[v * g.kw + j] = col(v, j);
-  index.col_full.resize(cols);
-  for (int64_t v = 0; v < cols; ++v) {
-    index.col_full[v] = 1;
-    for (int64_t j = 0; j < g.kw; ++j) index.col_full[v] &= index.col_of[v * g.kw + j] >= 0;
-    if (index.col_full[v]) index.full_cols.push_back(v);
-  }
+  const auto full = [](const std::vector<int64_t>& of, int64_t n, int64_t k) {
+    std::vector<char> all(n, 1);
+    for (int64_t u = 0; u < n; ++u)
+      for (int64_t i = 0; i < k; ++i) all[u] &= of[u * k + i] >= 0;
+    return all;
+  };
+  index.row_full = full(index.row_of, rows, g.kh);
+  index.col_full = full(index.col_of, cols, g.kw);
   return index;
 }
 
@@ -259,7 +262,8 @@ void GatherFullTaps3x3(const TapIndex& index, const int64_t (&row_offset)[3],
     constexpr int B = decltype(block)::value;
     typename Vec<B>::type k[9];
     for (int t = 0; t < 9; ++t) k[t] = Load<B>(w + t * c + c0);
-    for (const int64_t v : index.full_cols) {
+    for (int64_t v = 0; v < index.cols; ++v) {
+      if (!index.col_full[v]) continue;
       const int64_t* col = &index.col_of[v * 3];
       typename Vec<B>::type acc = {};
 #pragma GCC unroll 3
@@ -280,7 +284,7 @@ void GatherTaps(const Geometry& g, const TapIndex& index, const float* src, cons
   const bool three = g.kh == 3 && g.kw == 3;
   for (int64_t u = 0; u < index.rows; ++u) {
     const int64_t* row = &index.row_of[u * g.kh];
-    const bool full_row = three && row[0] >= 0 && row[1] >= 0 && row[2] >= 0;
+    const bool full_row = three && index.row_full[u];
     if (full_row) {
       const int64_t stride = index.src_cols * g.c;
       const int64_t row_offset[3] = {row[0] * stride, row[1] * stride, row[2] * stride};
@@ -317,8 +321,7 @@ void ImageKernelGradFor(const Geometry& g, const TapIndex& index, const float* x
     typename Vec<B>::type acc[KH > 0 ? KH * KW : kMaxTaps] = {};
     for (int64_t p = 0; p < g.oh; ++p) {
       const int64_t* row = &index.row_of[p * kh];
-      bool full_row = true;
-      for (int64_t i = 0; i < kh; ++i) full_row &= row[i] >= 0;
+      const bool full_row = index.row_full[p];
       for (int64_t q = 0; q < g.ow; ++q) {
         const typename Vec<B>::type d = Load<B>(dy + (p * g.ow + q) * g.c + c0);
         const int64_t* col = &index.col_of[q * kw];
