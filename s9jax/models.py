@@ -22,6 +22,8 @@ NUM_CLASSES = 10
 # Mixed precision: activations and matmuls in bfloat16; parameters, BatchNorm statistics
 # (Flax reduces in float32) and the logits stay float32.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# `S9Net`'s nonlinearity after each BatchNorm (`model.activation`).
+ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu}
 
 
 def conv_factory(conv_impl: str, dtype=jnp.float32):
@@ -156,8 +158,9 @@ class Seed(nn.Module):
 
 
 class ResidualSeparable(nn.Module):
-  """x + (sep-conv -> BN -> ReLU) twice: the work-horse block of `S9Net`."""
+  """x + (sep-conv -> BN -> activation) twice: the work-horse block of `S9Net`."""
   dilation: int = 1
+  activation: str = "relu"
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
 
@@ -167,7 +170,8 @@ class ResidualSeparable(nn.Module):
     for _ in range(2):
       y = SeparableConv(x.shape[-1], dilation=self.dilation, conv_impl=self.conv_impl,
                         dtype=self.dtype)(y)
-      y = nn.relu(norm_factory(self.conv_impl, self.dtype)(use_running_average=not train)(y))
+      y = norm_factory(self.conv_impl, self.dtype)(use_running_average=not train)(y)
+      y = ACTIVATIONS[self.activation](y)
     return x + y
 
 
@@ -197,6 +201,7 @@ class S9Net(nn.Module):
   down_strides: Sequence[int] = (2, 2, 2)
   down_dilations: Sequence[int] = (2, 2, 2)
   block_dilations: Sequence[int] = (1, 1, 1)
+  activation: str = "relu"
   dropout: float = 0.0
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
@@ -205,13 +210,15 @@ class S9Net(nn.Module):
   def __call__(self, x, train: bool = False):
     conv = conv_factory(self.conv_impl, self.dtype)
 
-    def bn_relu(y):
-      return nn.relu(norm_factory(self.conv_impl, self.dtype)(use_running_average=not train)(y))
+    def bn_act(y):
+      y = norm_factory(self.conv_impl, self.dtype)(use_running_average=not train)(y)
+      return ACTIVATIONS[self.activation](y)
 
     x = x.astype(self.dtype)
-    x = bn_relu(conv(self.stem_width, (3, 3), strides=self.stem_stride, padding=1)(x))
+    x = bn_act(conv(self.stem_width, (3, 3), strides=self.stem_stride, padding=1)(x))
     for _ in range(self.stem_depth):
-      x = ResidualSeparable(conv_impl=self.conv_impl, dtype=self.dtype)(x, train)
+      x = ResidualSeparable(activation=self.activation, conv_impl=self.conv_impl,
+                            dtype=self.dtype)(x, train)
     for width, depth, separable, stride, down_dilation, dilation in zip(
         self.widths, self.depths, self.separable_down, self.down_strides,
         self.down_dilations, self.block_dilations):
@@ -221,10 +228,10 @@ class S9Net(nn.Module):
       else:
         x = conv(width, (3, 3), strides=stride, padding=down_dilation,
                  kernel_dilation=down_dilation)(x)
-      x = bn_relu(x)
+      x = bn_act(x)
       for _ in range(depth):
-        x = ResidualSeparable(dilation=dilation, conv_impl=self.conv_impl,
-                              dtype=self.dtype)(x, train)
+        x = ResidualSeparable(dilation=dilation, activation=self.activation,
+                              conv_impl=self.conv_impl, dtype=self.dtype)(x, train)
     x = global_average_pool(self, x)
     x = dropout_factory(self.conv_impl)(self.dropout, deterministic=not train)(x)
     conv_out = nn.Conv(NUM_CLASSES, (1, 1), dtype=self.dtype,
@@ -244,6 +251,9 @@ def create_model(model_config, conv_impl: str | None = None) -> nn.Module:
   if model_config.name == "seed":
     return Seed(dropout=model_config.dropout, conv_impl=impl, dtype=dtype)
   if model_config.name == "s9net":
+    if model_config.activation not in ACTIVATIONS:
+      raise ValueError(f"model.activation must be one of {sorted(ACTIVATIONS)}, "
+                       f"got {model_config.activation!r}")
     return S9Net(stem_width=model_config.stem_width,
                  stem_stride=model_config.stem_stride,
                  stem_depth=model_config.stem_depth,
@@ -253,5 +263,6 @@ def create_model(model_config, conv_impl: str | None = None) -> nn.Module:
                  down_strides=tuple(model_config.down_strides),
                  down_dilations=tuple(model_config.down_dilations),
                  block_dilations=tuple(model_config.block_dilations),
-                 dropout=model_config.dropout, conv_impl=impl, dtype=dtype)
+                 activation=model_config.activation, dropout=model_config.dropout,
+                 conv_impl=impl, dtype=dtype)
   raise ValueError(f"unknown model.name {model_config.name!r}: expected 'seed' or 's9net'")

@@ -98,3 +98,25 @@ def test_unknown_dtype_is_a_clear_error():
   config.model.dtype = "float16"
   with pytest.raises(ValueError, match="model.dtype must be one of"):
     models.create_model(config.model)
+
+
+def test_activation_follows_every_batchnorm(monkeypatch):
+  config = load_config("tiny")
+  config.model.activation = "silu"
+  calls = []
+  monkeypatch.setitem(models.ACTIVATIONS, "silu",
+                      lambda y: calls.append(y.shape) or jax.nn.silu(y))
+  monkeypatch.setitem(models.ACTIVATIONS, "relu", lambda y: pytest.fail("relu called"))
+  model = models.create_model(config.model, conv_impl="lax")
+  variables = jax.eval_shape(lambda x: model.init({"params": jax.random.PRNGKey(0)}, x),
+                             jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+  norms = [k for k in jax.tree_util.tree_flatten_with_path(variables["batch_stats"])[0]
+           if k[0][-1].key == "mean"]
+  assert len(calls) == len(norms) == 14  # Stem, 3 downsamplings, 5 blocks of 2.
+
+
+def test_unknown_activation_is_a_clear_error():
+  config = load_config("tiny")
+  config.model.activation = "gelu"
+  with pytest.raises(ValueError, match="model.activation must be one of"):
+    models.create_model(config.model)
