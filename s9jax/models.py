@@ -157,6 +157,13 @@ class Seed(nn.Module):
     return conv(NUM_CLASSES, (1, 1))(x[:, None, None, :])[:, 0, 0, :].astype(jnp.float32)
 
 
+def batch_norm_activation(module: nn.Module, y, train: bool):
+  """BatchNorm, then `module.activation`: what follows every conv of `S9Net`. Called from
+  the module's compact method, so the BatchNorm is its submodule."""
+  y = norm_factory(module.conv_impl, module.dtype)(use_running_average=not train)(y)
+  return ACTIVATIONS[module.activation](y)
+
+
 class ResidualSeparable(nn.Module):
   """x + (sep-conv -> BN -> activation) twice: the work-horse block of `S9Net`."""
   dilation: int = 1
@@ -170,8 +177,7 @@ class ResidualSeparable(nn.Module):
     for _ in range(2):
       y = SeparableConv(x.shape[-1], dilation=self.dilation, conv_impl=self.conv_impl,
                         dtype=self.dtype)(y)
-      y = norm_factory(self.conv_impl, self.dtype)(use_running_average=not train)(y)
-      y = ACTIVATIONS[self.activation](y)
+      y = batch_norm_activation(self, y, train)
     return x + y
 
 
@@ -210,12 +216,9 @@ class S9Net(nn.Module):
   def __call__(self, x, train: bool = False):
     conv = conv_factory(self.conv_impl, self.dtype)
 
-    def bn_act(y):
-      y = norm_factory(self.conv_impl, self.dtype)(use_running_average=not train)(y)
-      return ACTIVATIONS[self.activation](y)
-
     x = x.astype(self.dtype)
-    x = bn_act(conv(self.stem_width, (3, 3), strides=self.stem_stride, padding=1)(x))
+    x = conv(self.stem_width, (3, 3), strides=self.stem_stride, padding=1)(x)
+    x = batch_norm_activation(self, x, train)
     for _ in range(self.stem_depth):
       x = ResidualSeparable(activation=self.activation, conv_impl=self.conv_impl,
                             dtype=self.dtype)(x, train)
@@ -228,7 +231,7 @@ class S9Net(nn.Module):
       else:
         x = conv(width, (3, 3), strides=stride, padding=down_dilation,
                  kernel_dilation=down_dilation)(x)
-      x = bn_act(x)
+      x = batch_norm_activation(self, x, train)
       for _ in range(depth):
         x = ResidualSeparable(dilation=dilation, activation=self.activation,
                               conv_impl=self.conv_impl, dtype=self.dtype)(x, train)
