@@ -65,6 +65,8 @@ def get_config(variant: str = ""):
   c.model.down_dilations = (2, 2, 2)      #   dilation (and padding, 'same').
   c.model.block_dilations = (1, 1, 1)
   c.model.activation = "relu"             # After every BatchNorm: 'relu' or 'silu'.
+  c.model.residual_activation = "branch"  # A block's last activation: before its sum or
+                                          #   after it ('sum', ResNet's form).
   c.model.dropout = 0.0                   # Before the classifier.
 
   c.num_devices = 0                       # Data parallel over this many devices; 0: all.

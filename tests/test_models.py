@@ -120,3 +120,30 @@ def test_unknown_activation_is_a_clear_error():
   config.model.activation = "gelu"
   with pytest.raises(ValueError, match="model.activation must be one of"):
     models.create_model(config.model)
+
+
+@pytest.mark.parametrize("impl", ["lax", "fast"])
+def test_residual_activation_follows_the_sum_or_the_branch(impl):
+  # The same variables (same names) in both forms; 'sum' applies ReLU to x + branch, so
+  # a block's output is never negative; 'branch' adds a non-negative branch to x, so
+  # its output is never below x. A negative input tells them apart.
+  x = -jnp.abs(jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 16))) - 1.0
+  blocks = {form: models.ResidualSeparable(residual_activation=form, conv_impl=impl)
+            for form in models.RESIDUAL_ACTIVATIONS}
+  variables = blocks["branch"].init({"params": jax.random.PRNGKey(1)}, x)
+  assert (jax.tree.structure(blocks["sum"].init({"params": jax.random.PRNGKey(1)}, x))
+          == jax.tree.structure(variables))
+  branch = blocks["branch"].apply(variables, x)
+  summed = blocks["sum"].apply(variables, x)
+  assert jnp.all(branch >= x) and jnp.any(branch < 0)
+  assert jnp.all(summed >= 0) and jnp.any(summed > 0)
+  # With x < 0 everywhere: where the branch's BatchNorm output y is positive both are
+  # x + y, rectified after the sum; where it is not, 'branch' gives x and 'sum' 0.
+  np.testing.assert_allclose(summed, jax.nn.relu(branch), atol=1e-5)
+
+
+def test_unknown_residual_activation_is_a_clear_error():
+  config = load_config("tiny")
+  config.model.residual_activation = "both"
+  with pytest.raises(ValueError, match="model.residual_activation must be one of"):
+    models.create_model(config.model)
