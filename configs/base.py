@@ -67,6 +67,9 @@ def get_config(variant: str = ""):
   c.model.activation = "relu"             # After every BatchNorm: 'relu' or 'silu'.
   c.model.residual_activation = "branch"  # A block's last activation: before its sum or
                                           #   after it ('sum', ResNet's form).
+  c.model.eca_kernel = 0                  # Each block's branch scaled per channel by ECA
+                                          #   (models.ChannelAttention), a 1-D conv of this
+                                          #   many taps over its pooled channels; 0: off.
   c.model.dropout = 0.0                   # Before the classifier.
 
   c.num_devices = 0                       # Data parallel over this many devices; 0: all.

@@ -168,12 +168,30 @@ def batch_norm_activation(module: nn.Module, y, train: bool):
   return ACTIVATIONS[module.activation](y)
 
 
+class ChannelAttention(nn.Module):
+  """Efficient channel attention (ECA, Wang et al. 2020): each channel scaled by a sigmoid
+  of a `kernel`-tap 1-D conv over the spatially averaged channels: `kernel` parameters,
+  where squeeze-and-excitation's two dense layers would cost ~2c^2/r."""
+  kernel: int = 3
+
+  @nn.compact
+  def __call__(self, x):
+    taps = self.param("kernel", nn.initializers.normal(1.0 / self.kernel), (self.kernel,))
+    pooled = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)  # N x C
+    half = self.kernel // 2
+    padded = jnp.pad(pooled, ((0, 0), (half, self.kernel - 1 - half)))
+    mixed = sum(taps[i] * padded[:, i:i + pooled.shape[1]] for i in range(self.kernel))
+    return x * nn.sigmoid(mixed)[:, None, None, :].astype(x.dtype)
+
+
 class ResidualSeparable(nn.Module):
   """x + (sep-conv -> BN -> activation) twice, the work-horse block of `S9Net`; with
-  `residual_activation='sum'` the second activation follows the sum instead."""
+  `residual_activation='sum'` the second activation follows the sum instead, and with
+  `eca_kernel` the branch passes `ChannelAttention` before the sum."""
   dilation: int = 1
   activation: str = "relu"
   residual_activation: str = "branch"
+  eca_kernel: int = 0
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
 
@@ -186,8 +204,13 @@ class ResidualSeparable(nn.Module):
                       dtype=self.dtype)(y)
     if self.residual_activation == "sum":
       y = norm_factory(self.conv_impl, self.dtype)(use_running_average=not train)(y)
+    else:
+      y = batch_norm_activation(self, y, train)
+    if self.eca_kernel:
+      y = ChannelAttention(self.eca_kernel)(y)
+    if self.residual_activation == "sum":
       return ACTIVATIONS[self.activation](x + y)
-    return x + batch_norm_activation(self, y, train)
+    return x + y
 
 
 class S9Net(nn.Module):
@@ -218,6 +241,7 @@ class S9Net(nn.Module):
   block_dilations: Sequence[int] = (1, 1, 1)
   activation: str = "relu"
   residual_activation: str = "branch"
+  eca_kernel: int = 0
   dropout: float = 0.0
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
@@ -232,7 +256,7 @@ class S9Net(nn.Module):
     for _ in range(self.stem_depth):
       x = ResidualSeparable(activation=self.activation,
                             residual_activation=self.residual_activation,
-                            conv_impl=self.conv_impl, dtype=self.dtype)(x, train)
+                            eca_kernel=self.eca_kernel, conv_impl=self.conv_impl, dtype=self.dtype)(x, train)
     for width, depth, separable, stride, down_dilation, dilation in zip(
         self.widths, self.depths, self.separable_down, self.down_strides,
         self.down_dilations, self.block_dilations):
@@ -246,7 +270,7 @@ class S9Net(nn.Module):
       for _ in range(depth):
         x = ResidualSeparable(dilation=dilation, activation=self.activation,
                               residual_activation=self.residual_activation,
-                              conv_impl=self.conv_impl, dtype=self.dtype)(x, train)
+                              eca_kernel=self.eca_kernel, conv_impl=self.conv_impl, dtype=self.dtype)(x, train)
     x = global_average_pool(self, x)
     x = dropout_factory(self.conv_impl)(self.dropout, deterministic=not train)(x)
     conv_out = nn.Conv(NUM_CLASSES, (1, 1), dtype=self.dtype,
@@ -283,6 +307,7 @@ def create_model(model_config, conv_impl: str | None = None) -> nn.Module:
                  block_dilations=tuple(model_config.block_dilations),
                  activation=model_config.activation,
                  residual_activation=model_config.residual_activation,
+                 eca_kernel=model_config.eca_kernel,
                  dropout=model_config.dropout,
                  conv_impl=impl, dtype=dtype)
   raise ValueError(f"unknown model.name {model_config.name!r}: expected 'seed' or 's9net'")

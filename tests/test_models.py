@@ -147,3 +147,21 @@ def test_unknown_residual_activation_is_a_clear_error():
   config.model.residual_activation = "both"
   with pytest.raises(ValueError, match="model.residual_activation must be one of"):
     models.create_model(config.model)
+
+
+def test_channel_attention_scales_each_channel_by_a_conv_over_pooled_channels():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 7))
+  layer = models.ChannelAttention(kernel=3)
+  variables = layer.init(jax.random.PRNGKey(1), x)
+  taps = np.asarray(variables["params"]["kernel"])
+  assert taps.shape == (3,) and np.any(taps != 0)
+  expected = np.stack([
+      np.asarray(image) / (1 + np.exp(-np.correlate(np.asarray(image).mean((0, 1)), taps, "same")))
+      for image in x])
+  np.testing.assert_allclose(layer.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_eca_adds_its_taps_to_every_residual_block():
+  config = load_config("tiny")
+  config.model.eca_kernel = 3
+  assert param_count(config) == 58_842 + 5 * 3  # One block at 32x32, four in the stages.
