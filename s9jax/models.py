@@ -202,15 +202,13 @@ class ResidualSeparable(nn.Module):
     y = batch_norm_activation(self, y, train)
     y = SeparableConv(x.shape[-1], dilation=self.dilation, conv_impl=self.conv_impl,
                       dtype=self.dtype)(y)
-    if self.residual_activation == "sum":
-      y = norm_factory(self.conv_impl, self.dtype)(use_running_average=not train)(y)
-    else:
-      y = batch_norm_activation(self, y, train)
+    y = norm_factory(self.conv_impl, self.dtype)(use_running_average=not train)(y)
+    if self.residual_activation == "branch":
+      y = ACTIVATIONS[self.activation](y)
     if self.eca_kernel:
       y = ChannelAttention(self.eca_kernel)(y)
-    if self.residual_activation == "sum":
-      return ACTIVATIONS[self.activation](x + y)
-    return x + y
+    y = x + y
+    return ACTIVATIONS[self.activation](y) if self.residual_activation == "sum" else y
 
 
 class S9Net(nn.Module):
@@ -256,7 +254,8 @@ class S9Net(nn.Module):
     for _ in range(self.stem_depth):
       x = ResidualSeparable(activation=self.activation,
                             residual_activation=self.residual_activation,
-                            eca_kernel=self.eca_kernel, conv_impl=self.conv_impl, dtype=self.dtype)(x, train)
+                            eca_kernel=self.eca_kernel, conv_impl=self.conv_impl,
+                            dtype=self.dtype)(x, train)
     for width, depth, separable, stride, down_dilation, dilation in zip(
         self.widths, self.depths, self.separable_down, self.down_strides,
         self.down_dilations, self.block_dilations):
@@ -270,7 +269,8 @@ class S9Net(nn.Module):
       for _ in range(depth):
         x = ResidualSeparable(dilation=dilation, activation=self.activation,
                               residual_activation=self.residual_activation,
-                              eca_kernel=self.eca_kernel, conv_impl=self.conv_impl, dtype=self.dtype)(x, train)
+                              eca_kernel=self.eca_kernel, conv_impl=self.conv_impl,
+                              dtype=self.dtype)(x, train)
     x = global_average_pool(self, x)
     x = dropout_factory(self.conv_impl)(self.dropout, deterministic=not train)(x)
     conv_out = nn.Conv(NUM_CLASSES, (1, 1), dtype=self.dtype,
@@ -296,6 +296,8 @@ def create_model(model_config, conv_impl: str | None = None) -> nn.Module:
     if model_config.residual_activation not in RESIDUAL_ACTIVATIONS:
       raise ValueError(f"model.residual_activation must be one of {RESIDUAL_ACTIVATIONS}, "
                        f"got {model_config.residual_activation!r}")
+    if model_config.eca_kernel < 0:
+      raise ValueError(f"model.eca_kernel must be >= 0 (0: off), got {model_config.eca_kernel}")
     return S9Net(stem_width=model_config.stem_width,
                  stem_stride=model_config.stem_stride,
                  stem_depth=model_config.stem_depth,

@@ -142,10 +142,13 @@ def test_residual_activation_follows_the_sum_or_the_branch(impl):
   np.testing.assert_allclose(summed, jax.nn.relu(branch), atol=1e-5)
 
 
-def test_unknown_residual_activation_is_a_clear_error():
+@pytest.mark.parametrize("key,value,message", [
+    ("residual_activation", "both", "model.residual_activation must be one of"),
+    ("eca_kernel", -3, "model.eca_kernel must be >= 0")])
+def test_unknown_block_option_is_a_clear_error(key, value, message):
   config = load_config("tiny")
-  config.model.residual_activation = "both"
-  with pytest.raises(ValueError, match="model.residual_activation must be one of"):
+  config.model[key] = value
+  with pytest.raises(ValueError, match=message):
     models.create_model(config.model)
 
 
@@ -155,9 +158,9 @@ def test_channel_attention_scales_each_channel_by_a_conv_over_pooled_channels():
   variables = layer.init(jax.random.PRNGKey(1), x)
   taps = np.asarray(variables["params"]["kernel"])
   assert taps.shape == (3,) and np.any(taps != 0)
-  expected = np.stack([
-      np.asarray(image) / (1 + np.exp(-np.correlate(np.asarray(image).mean((0, 1)), taps, "same")))
-      for image in x])
+  gates = [1 / (1 + np.exp(-np.correlate(image.mean((0, 1)), taps, "same")))
+           for image in np.asarray(x)]
+  expected = np.asarray(x) * np.stack(gates)[:, None, None, :]
   np.testing.assert_allclose(layer.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
 
 
