@@ -34,11 +34,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from s9jax import host_memory, train  # noqa: E402
 
 
-def jax_images_per_second(config, batch: int, steps: int) -> tuple[float, int]:
+def jax_images_per_second(config, batch: int, steps: int, size: int = 32) -> tuple[float, int]:
+  """(images a second, params) of the train step on random `size`-px images (24: the
+  size of a progressive-resizing epoch)."""
   lr_fn = train.create_learning_rate_fn(config, steps)
   state = train.create_train_state(config, jax.random.PRNGKey(0), lr_fn)
   rng = np.random.default_rng(0)
-  data = {"image": rng.normal(size=(batch, 32, 32, 3)).astype(np.float32),
+  data = {"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
           "label": rng.integers(0, 10, batch).astype(np.int32)}
   key = jax.random.PRNGKey(1)
   for _ in range(2):  # Compile and warm up.
