@@ -481,6 +481,13 @@ def load_split(data_config, split: str) -> tuple[np.ndarray, np.ndarray]:
   return images, labels
 
 
+def split_validation(images: np.ndarray, labels: np.ndarray, held_out: int):
+  """((train images, labels), (validation images, labels)): the last `held_out` images of
+  the training split validate (`data.validation_size`; 0: none, all 50,000 train)."""
+  split = len(images) - held_out
+  return (images[:split], labels[:split]), (images[split:], labels[split:])
+
+
 # ------------------------------------------------------------------------ augmentation
 
 def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -712,12 +712,12 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
   if held_out and held_out + config.batch_size > len(images):
     raise ConfigError(f"data.validation_size {held_out} leaves fewer than one batch of "
                       f"{config.batch_size} of the {len(images):,} training images")
-  # The last `held_out` training images validate; the test set is read once, at the end.
-  split = len(images) - held_out
-  train_images, train_labels = images[:split], labels[:split]
+  # The test set is read once, at the end.
+  (train_images, train_labels), (val_images, val_labels) = input_pipeline.split_validation(
+      images, labels, held_out)
   mean, std = input_pipeline.channel_stats(train_images)  # Train, validation, test alike.
   normalize = functools.partial(input_pipeline.normalize_batch, mean=mean, std=std)
-  val_inputs, val_labels = normalize(images[split:]), labels[split:]
+  val_inputs = normalize(val_images)
   test_inputs = normalize(test_images)
   on_device = config.augment.backend == "jax"
   batches = input_pipeline.TrainBatches(
