@@ -3,7 +3,7 @@
 for each worker count, on this machine; then the data-on-device path.
 
     python benchmarks/input_pipeline.py [--config base] [--batches 60] [--workers 0 1 2]
-                                        [--images random|dataset]
+                                        [--images random|dataset] [--size 24]
 
 Worker counts: 0 (a background thread of this process), 1, 2, and 4 and 8 where this
 machine has that many cores, unless --workers lists them. Prints the train step alone on
@@ -17,6 +17,9 @@ training loop's work per batch: the next batch (uint8), then
 ahead as in training (what a 2-core machine really delivers: the augmentation and the
 step share its cores). Start-up (worker processes, compilation) is not timed: `--warmup`
 batches first.
+
+`--size`: the step trains at this many pixels, as in a progressive-resizing epoch (the
+32-px batches resized inside the step); default the config's `augment.image_size`.
 
 Images: 50,000 random uint8 images by default (augmentation costs the same on any
 content; nothing to download), or the config's training split with --images dataset.
@@ -59,8 +62,9 @@ class Trainer:
   """The real train step on a state of the config's network, compiled and warm.
   The state is donated to each step, so it lives here, threaded from step to step."""
 
-  def __init__(self, config, mean, std):
+  def __init__(self, config, mean, std, size: int):
     self.config = config
+    self.size = size
     self.normalize = functools.partial(input_pipeline.normalize_batch, mean=mean, std=std)
     self.state = train.create_train_state(config, jax.random.PRNGKey(0),
                                           train.create_learning_rate_fn(config, 100))
@@ -81,11 +85,11 @@ class Trainer:
         batch = next_batch()
         self.state, metrics = train.train_step_on_device(
             self.state, train_set, batch["index"], self.key, self.key, augment,
-            self.config.augment.image_size, self.config.label_smoothing, batch.get("flip"))
+            self.size, self.config.label_smoothing, batch.get("flip"))
       else:
         self.state, metrics = train.train_step_on_host_batch(
-            self.state, next_batch(), self.key, self.normalize,
-            self.config.augment.image_size, self.config.label_smoothing)
+            self.state, next_batch(), self.key, self.normalize, self.size,
+            self.config.label_smoothing)
     jax.block_until_ready(metrics)
     return time.perf_counter() - start
 
@@ -116,15 +120,19 @@ def main():
   parser.add_argument("--warmup", type=int, default=5)
   parser.add_argument("--workers", type=int, nargs="+", default=None)
   parser.add_argument("--images", choices=("random", "dataset"), default="random")
+  parser.add_argument("--size", type=int, default=0,
+                      help="train at this many pixels (progressive resizing); "
+                           "default the config's augment.image_size")
   args = parser.parse_args()
   config = importlib.import_module(f"configs.{args.config}").get_config()
   images, labels = training_images(config, args.images)
   mean, std = input_pipeline.channel_stats(images)
-  trainer = Trainer(config, mean, std)
+  size = args.size or config.augment.image_size
+  trainer = Trainer(config, mean, std, size)
   trainer.run(lambda: trainer.ready_batch, 5)
   step_ips = 20 * config.batch_size / trainer.run(lambda: trainer.ready_batch, 20)
-  print(f"{args.config}, batch {config.batch_size}, {os.cpu_count()} cores, {args.images} "
-        f"images: train step alone {step_ips:.0f} img/s (config data.workers = "
+  print(f"{args.config}, batch {config.batch_size}, {size} px, {os.cpu_count()} cores, "
+        f"{args.images} images: train step alone {step_ips:.0f} img/s (config data.workers = "
         f"{config.data.workers})", flush=True)
   for workers in args.workers or default_worker_counts():
     with input_pipeline.TrainBatches(
