@@ -37,13 +37,20 @@ def median_ms(fn, args, calls: int) -> float:
   return 1e3 * float(np.median(times))
 
 
-def main():
+def start(doc: str) -> argparse.Namespace:
+  """The C++ kernel benchmarks' start: malloc settings, `--calls`, and the kernels built
+  (or exit saying why not)."""
   host_memory.reuse_freed_memory()  # Before JAX starts its CPU client.
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=doc.split("\n")[0])
   parser.add_argument("--calls", type=int, default=30)
   args = parser.parse_args()
   if not native.available():
     sys.exit(f"no C++ kernels here: {native.unavailable_reason()}")
+  return args
+
+
+def main():
+  args = start(__doc__)
   rng = np.random.default_rng(0)
   for shape, stride, dilation in SHAPES:
     out = (shape[1] - 1) // stride + 1  # 3x3, 'same' padding of `dilation`.

@@ -4,7 +4,8 @@ network and the default `s9net`.
 Every convolution is a plain `nn.Conv` (kernel shape HWIO, `feature_group_count` for
 depthwise, `kernel_dilation` for dilated), so the parameter tree and the receptive-field
 tracer see the canonical form; `conv_impl` only swaps the function that computes it
-(see ops.py).
+(see ops.py). One exception, with the same parameters: with the C++ kernels a
+depthwise-separable conv is one fused op (`SeparableConv`).
 """
 
 from __future__ import annotations
@@ -97,8 +98,21 @@ def dropout_factory(conv_impl: str):
   return nn.Dropout if ops.resolve(conv_impl) == "lax" else Dropout
 
 
+class ConvKernel(nn.Module):
+  """An `nn.Conv`'s kernel alone: the same parameter ('kernel', float32, `nn.Conv`'s
+  default initialiser, so the same values from the same rng), for a module that computes
+  the conv itself."""
+  shape: Sequence[int]
+
+  @nn.compact
+  def __call__(self):
+    return self.param("kernel", nn.initializers.lecun_normal(), tuple(self.shape), jnp.float32)
+
+
 class SeparableConv(nn.Module):
-  """Depthwise-separable conv: a 3x3 conv with one group per input channel, then a 1x1."""
+  """Depthwise-separable conv: a 3x3 conv with one group per input channel, then a 1x1.
+  Two `nn.Conv`s, except with the C++ kernels in float32, where one op computes both
+  (`ops.separable`) from the same two parameters."""
   features: int
   strides: int = 1
   dilation: int = 1
@@ -108,10 +122,16 @@ class SeparableConv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = conv_factory(self.conv_impl, self.dtype)
     pad = self.dilation if self.padding is None else self.padding
-    x = conv(x.shape[-1], (3, 3), strides=self.strides, padding=pad,
-             kernel_dilation=self.dilation, feature_group_count=x.shape[-1],
+    channels = x.shape[-1]
+    if ops.resolve(self.conv_impl) == "native" and self.dtype == jnp.float32:
+      depthwise = ConvKernel((3, 3, 1, channels), name="depthwise")()
+      pointwise = ConvKernel((1, 1, channels, self.features), name="pointwise")()
+      return ops.separable(x.astype(jnp.float32), depthwise, pointwise,
+                           (self.strides,) * 2, (self.dilation,) * 2, ((pad, pad),) * 2)
+    conv = conv_factory(self.conv_impl, self.dtype)
+    x = conv(channels, (3, 3), strides=self.strides, padding=pad,
+             kernel_dilation=self.dilation, feature_group_count=channels,
              name="depthwise")(x)
     return conv(self.features, (1, 1), name="pointwise")(x)
 

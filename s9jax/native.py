@@ -1,6 +1,7 @@
 """C++ CPU kernels (s9jax/native/kernels.cc) for the ops XLA:CPU runs as many small
-memory-bound passes: depthwise convolution and BatchNorm's per-channel sums; and dense
-3x3 convolutions, which XLA computes through a 9x wider im2col copy.
+memory-bound passes: depthwise convolution and BatchNorm's per-channel sums; dense
+3x3 convolutions, which XLA computes through a 9x wider im2col copy; and
+depthwise-separable convolutions as one op, whose depthwise output never goes to memory.
 
 Compiled with the system C++ compiler the first time they are asked for (a few seconds),
 into a cache keyed by the source, the compiler and its flags, jax's version and this CPU,
@@ -44,7 +45,9 @@ TARGETS = {"s9_depthwise_forward": "S9DepthwiseForward",
            "s9_channel_sums": "S9ChannelSums",
            "s9_dense_forward": "S9DenseForward",
            "s9_dense_input_grad": "S9DenseInputGrad",
-           "s9_dense_kernel_grad": "S9DenseKernelGrad"}
+           "s9_dense_kernel_grad": "S9DenseKernelGrad",
+           "s9_separable_forward": "S9SeparableForward",
+           "s9_separable_backward": "S9SeparableBackward"}
 MAX_TAPS = 16  # kMaxTaps in kernels.cc.
 
 _unavailable_reason = ""
@@ -197,6 +200,21 @@ def dense_kernel_grad(x, dy, kernel_hw, strides, dilation, pads):
   out = jax.ShapeDtypeStruct((*kernel_hw, x.shape[-1], dy.shape[-1]), jnp.float32)
   return jax.ffi.ffi_call("s9_dense_kernel_grad", out)(
       x, dy, **_conv_attrs(strides, dilation, pads))
+
+
+def separable_forward(x, depthwise, pointwise, out_hw, strides, dilation, pads):
+  """x (N, H, W, C), depthwise (KH, KW, C), pointwise (C, F) -> y (N, OH, OW, F): the
+  depthwise conv, then the 1x1, without writing the depthwise output to memory."""
+  out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, pointwise.shape[-1]), jnp.float32)
+  return jax.ffi.ffi_call("s9_separable_forward", out)(
+      x, depthwise, pointwise, **_conv_attrs(strides, dilation, pads))
+
+
+def separable_backward(x, depthwise, pointwise, dy, strides, dilation, pads):
+  """The gradients (dx, ddepthwise, dpointwise) of `separable_forward` for dy."""
+  out = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, depthwise, pointwise))
+  return jax.ffi.ffi_call("s9_separable_backward", out)(
+      x, depthwise, pointwise, dy, **_conv_attrs(strides, dilation, pads))
 
 
 def channel_sums(a, b, shift=None):

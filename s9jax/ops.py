@@ -17,6 +17,8 @@ images/s (batch 256, 2 cores).
 
 Only NHWC/HWIO layouts with zero padding and no input dilation take a fast path;
 anything else falls through to lax, so the fast function is always safe to plug in.
+`separable` is the one op that is not a conv function: a depthwise conv and its 1x1 in
+one C++ call (models.SeparableConv uses it with the C++ kernels).
 
 'native' goes further where XLA's fusions stop: depthwise convs, dense 3x3 convs and
 BatchNorm's sums as C++ kernels (native.py), same maths again: ~1.2x on the whole step
@@ -224,6 +226,31 @@ def _dense_bwd(strides, dilation, pads, use_native, residuals, dy):
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def separable(x, depthwise, pointwise, strides, dilation, pads):
+  """A depthwise-separable conv as one C++ op (native.py): NHWC float32 x, the depthwise
+  kernel HWIO (KH, KW, 1, C) and the 1x1 kernel (1, 1, C, F), exactly the two convs'
+  kernels; the depthwise output stays in cache, image by image (kernels.cc)."""
+  return _separable_fwd(x, depthwise, pointwise, strides, dilation, pads)[0]
+
+
+def _separable_fwd(x, depthwise, pointwise, strides, dilation, pads):
+  out_hw = _out_hw(x.shape[1:3], depthwise.shape[:2], strides, dilation, pads)
+  y = native.separable_forward(x, depthwise[:, :, 0, :], pointwise[0, 0], out_hw, strides,
+                               dilation, pads)
+  return y, (x, depthwise, pointwise)
+
+
+def _separable_bwd(strides, dilation, pads, residuals, dy):
+  x, depthwise, pointwise = residuals
+  dx, ddepthwise, dpointwise = native.separable_backward(
+      x, depthwise[:, :, 0, :], pointwise[0, 0], dy, strides, dilation, pads)
+  return dx, ddepthwise.reshape(depthwise.shape), dpointwise.reshape(pointwise.shape)
+
+
+separable.defvjp(_separable_fwd, _separable_bwd)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def batch_norm_train(x, scale, bias, epsilon: float, use_native: bool = False):
   """Training-mode BatchNorm over N, H, W of NHWC `x`: returns (y, mean, var), with the
@@ -357,8 +384,8 @@ def describe(impl: str) -> str:
   line every run prints at its start."""
   return {"lax": "conv lax.conv_general_dilated, BatchNorm flax.linen",
           "fast": "conv XLA-fast forms (taps and matmuls), BatchNorm XLA-fast sums",
-          "native": "conv C++ kernels (depthwise, dense 3x3) + matmuls (1x1), "
-                    "BatchNorm C++ sums"}[impl]
+          "native": "conv C++ kernels (separable, depthwise, dense 3x3; other 1x1 as "
+                    "matmuls), BatchNorm C++ sums"}[impl]
 
 
 def conv_function(impl: str):

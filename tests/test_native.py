@@ -21,6 +21,7 @@ from tests.test_ops import native_kernels  # noqa: F401  The `native` marker's f
 NATIVE = pytest.mark.native
 ONE, SAME = (1, 1), ((1, 1), (1, 1))
 X, DW, W, Y = (2, 9, 9, 8), (3, 3, 8), (3, 3, 8, 12), (2, 9, 9, 12)
+PW = (8, 12)  # A 1x1 kernel as the separable op takes it: (C, F).
 
 
 def _args_last(fn, *static):
@@ -47,6 +48,14 @@ def dense_input_grad(in_hw=(9, 9), strides=ONE, dilation=ONE, pads=SAME):
 
 def dense_kernel_grad(kernel_hw=(3, 3), strides=ONE, dilation=ONE, pads=SAME):
   return _args_last(native.dense_kernel_grad, kernel_hw, strides, dilation, pads)
+
+
+def separable_forward(out_hw=(9, 9), strides=ONE, dilation=ONE, pads=SAME):
+  return _args_last(native.separable_forward, out_hw, strides, dilation, pads)
+
+
+def separable_backward(strides=ONE, dilation=ONE, pads=SAME):
+  return _args_last(native.separable_backward, strides, dilation, pads)
 
 
 def raw(target, *result_shapes, conv_attrs=True):
@@ -78,7 +87,23 @@ BAD_CALLS = {
                                    r"s9_dense_kernel_grad: x must have rank 4"),
     "channel-sums-rank-3": (native.channel_sums, [(9, 9, 8), (9, 9, 8)],
                             r"s9_channel_sums: a must have rank 4"),
+    "separable-pointwise-rank-4": (separable_forward(), [X, DW, (1, 1, 8, 12)],
+                                   r"s9_separable_forward: pointwise kernel must have rank 2 "
+                                   r"\(C, F\), got shape \(1, 1, 8, 12\)"),
+    "separable-backward-dy-rank-3": (separable_backward(), [X, DW, PW, (9, 9, 12)],
+                                     r"s9_separable_backward: dy must have rank 4"),
     # Batch and channel counts.
+    "separable-depthwise-channels": (separable_forward(), [X, (3, 3, 4), PW],
+                                     r"depthwise kernel channels \(4\) must equal x "
+                                     r"channels \(8\)"),
+    "separable-pointwise-inputs": (separable_forward(), [X, DW, (6, 12)],
+                                   r"pointwise kernel input channels \(6\) must equal x "
+                                   r"channels \(8\)"),
+    "separable-backward-dy-batch": (separable_backward(), [X, DW, PW, (3, 9, 9, 12)],
+                                    r"dy \(3\) must equal x batch \(2\)"),
+    "separable-backward-dy-channels": (separable_backward(), [X, DW, PW, (2, 9, 9, 8)],
+                                       r"output channels \(8\) must equal pointwise kernel "
+                                       r"output channels \(12\)"),
     "depthwise-kernel-channels": (depthwise_forward(), [X, (3, 3, 4)],
                                   r"kernel channels \(4\) must equal x channels \(8\)"),
     "depthwise-backward-dy-batch": (depthwise_backward(), [X, DW, (3, 9, 9, 8)],
@@ -110,7 +135,15 @@ BAD_CALLS = {
                                           r"channels \(12\)"),
     "channel-sums-result": (raw("s9_channel_sums", (3, 8), conv_attrs=False), [X, X, (8,)],
                             r"the result must have shape \(2, C\) = \(2, 8\), got \(3, 8\)"),
+    "separable-backward-dpointwise-shape": (
+        raw("s9_separable_backward", X, DW, (12, 8)), [X, DW, PW, Y],
+        r"dpointwise must have pointwise's shape \(8, 12\), got \(12, 8\)"),
     # Output sizes against the input, stride, dilation and padding.
+    "separable-out-hw": (separable_forward(out_hw=(9, 4)), [X, DW, PW],
+                         r"s9_separable_forward: output width 4 does not follow"),
+    "separable-backward-dy-size": (separable_backward(strides=(2, 2)), [X, DW, PW, Y],
+                                   r"s9_separable_backward: output height 9 does not follow "
+                                   r".* expected 5"),
     "depthwise-out-hw": (depthwise_forward(out_hw=(5, 9)), [X, DW],
                          r"output height 5 does not follow from input height 9, kernel 3, "
                          r"stride 1, dilation 1 and padding \(1, 1\): expected 9"),

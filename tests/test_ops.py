@@ -152,6 +152,38 @@ def test_failed_native_build_says_why(monkeypatch, tmp_path):
 
 
 # fast.py's network: its one new form (the strided stem) is in VARIANTS, and
+# The fused depthwise-separable op (the networks' SeparableConv with the C++ kernels)
+# against its two lax convs, on shapes that take every block of the kernels it composes:
+# 25 = 16 + 8 + 1 channels, 85 = 48 + 32 + 5 outputs; 5 channels, under 8, take the 1x1
+# kernel gradient's row path; odd, non-square maps; the networks' strides and dilations.
+@NATIVE
+@pytest.mark.parametrize("x_shape,features", [((3, 9, 10, 25), 85), ((2, 11, 7, 5), 27),
+                                              ((2, 8, 8, 16), 16)])
+@pytest.mark.parametrize("stride,dilation,pad", [(1, 1, 1), (2, 2, 2), (1, 2, 2), (1, 1, 2)])
+def test_fused_separable_matches_two_lax_convs(x_shape, features, stride, dilation, pad):
+  x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
+  depthwise = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 1, x_shape[-1]))
+  pointwise = jax.random.normal(jax.random.PRNGKey(2), (1, 1, x_shape[-1], features))
+  pads = ((pad, pad), (pad, pad))
+
+  def two_convs(x, depthwise, pointwise):
+    y = lax.conv_general_dilated(x, depthwise, (stride, stride), pads, None,
+                                 (dilation, dilation), DN, x.shape[-1])
+    return lax.conv_general_dilated(y, pointwise, (1, 1), "VALID", None, None, DN)
+
+  def fused(x, depthwise, pointwise):
+    return ops.separable(x, depthwise, pointwise, (stride, stride), (dilation, dilation), pads)
+
+  y_lax, vjp_lax = jax.vjp(two_convs, x, depthwise, pointwise)
+  y_fused, vjp_fused = jax.vjp(fused, x, depthwise, pointwise)
+  assert y_fused.shape == y_lax.shape
+  np.testing.assert_allclose(y_fused, y_lax, rtol=1e-4, atol=1e-3)
+  dy = jax.random.normal(jax.random.PRNGKey(3), y_lax.shape)
+  for got, want in zip(vjp_fused(dy), vjp_lax(dy)):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-2)
+
+
 # test_models checks it computes base's function. Training mode only: the convolutions
 # are the same code in both modes, and inference-mode BatchNorm is compared with
 # nn.BatchNorm below (the inference-mode cases took ~70 s of the suite's 10 minutes).
@@ -165,9 +197,13 @@ def test_models_same_logits_and_grads_with_each_implementation(name, impl):
   fast = models.create_model(config.model, conv_impl=impl)
   canonical = models.create_model(config.model, conv_impl="lax")
   variables = canonical.init({"params": jax.random.PRNGKey(1)}, x, train=False)
-  # Same parameter tree: a checkpoint trained with one runs with the other.
-  assert (jax.tree.structure(fast.init({"params": jax.random.PRNGKey(1)}, x, train=False))
-          == jax.tree.structure(variables))
+  # Same parameters from the same rng (so also the same tree: a checkpoint trained with
+  # one runs with the other), though the fused separable convs create theirs without
+  # nn.Conv.
+  fast_variables = fast.init({"params": jax.random.PRNGKey(1)}, x, train=False)
+  assert jax.tree.structure(fast_variables) == jax.tree.structure(variables)
+  assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(fast_variables),
+                                                   jax.tree.leaves(variables)))
 
   def loss(params, model):
     out, updates = model.apply({**variables, "params": params}, x, train=True,

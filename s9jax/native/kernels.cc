@@ -1,8 +1,9 @@
 // CPU kernels for the S9 ops that XLA:CPU runs as many small memory-bound passes:
 // depthwise convolution (forward; backward: input and kernel gradients together) and
-// BatchNorm's per-channel sums; and dense KxK convolutions, which XLA runs through an
+// BatchNorm's per-channel sums; dense KxK convolutions, which XLA runs through an
 // im2col copy (forward, input gradient and kernel gradient, each its own call so XLA
-// drops the first layer's unused input gradient). Called from s9jax/native.py through
+// drops the first layer's unused input gradient); and depthwise-separable convolutions
+// (a depthwise conv, then a 1x1) as one op each way, built from the same per-image code. Called from s9jax/native.py through
 // jax.ffi; float32 NHWC only; tests/test_ops.py checks them against
 // lax.conv_general_dilated.
 //
@@ -837,6 +838,119 @@ ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// Depthwise-separable convs (a depthwise KHxKW conv, then a 1x1 to f channels) as one
+// op: the depthwise output never leaves the image being computed. Unfused, it is written
+// to memory and read back by the 1x1 conv, its kernel gradient, and (through the 1x1's
+// input gradient, written and read again) the depthwise backward: on these networks'
+// 16-96-channel maps each pass costs as much as the arithmetic it carries. Here each
+// image's depthwise output and its gradient live in a per-thread buffer in cache: the
+// forward reads x and writes y; the backward recomputes the depthwise output from x and
+// reads x and dy once, writing dx. Same sums as the unfused kernels, image by image.
+
+// The 1x1 conv's geometry over one image's depthwise output (oh, ow, c).
+Geometry PointwiseGeometry(const Geometry& g) {
+  return Geometry{1, g.oh, g.ow, g.c, 1, 1, g.oh, g.ow, 1, 1, 1, 1, 0, 0};
+}
+
+// The operands' ranks and shapes: x (n, h, w, c), depthwise kernel (kh, kw, c),
+// pointwise kernel (c, f), and the output (gradient) (n, oh, ow, f).
+ffi::Error CheckSeparable(const char* op, Dims xd, Dims dd, Dims pd, Dims yd,
+                          const char* y_name) {
+  S9_RETURN_IF_ERROR(CheckRank(op, "x", xd, 4, kNhwc));
+  S9_RETURN_IF_ERROR(CheckRank(op, "depthwise kernel", dd, 3, "(KH, KW, C)"));
+  S9_RETURN_IF_ERROR(CheckRank(op, "pointwise kernel", pd, 2, "(C, F)"));
+  S9_RETURN_IF_ERROR(CheckRank(op, y_name, yd, 4, kNhwc));
+  S9_RETURN_IF_ERROR(CheckSame(op, "depthwise kernel channels", dd[2], "x channels", xd[3]));
+  S9_RETURN_IF_ERROR(CheckSame(op, "pointwise kernel input channels", pd[0], "x channels",
+                               xd[3]));
+  S9_RETURN_IF_ERROR(CheckSame(op, y_name, yd[0], "x batch", xd[0]));
+  return CheckSame(op, "output channels", yd[3], "pointwise kernel output channels", pd[1]);
+}
+
+ffi::Error SeparableForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> depthwise, ffi::Buffer<ffi::F32> pointwise,
+                            ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t dh,
+                            int64_t dw, int64_t ph, int64_t pw, int64_t ph_hi, int64_t pw_hi) {
+  constexpr char op[] = "s9_separable_forward";
+  auto xd = x.dimensions();
+  auto dd = depthwise.dimensions();
+  auto pd = pointwise.dimensions();
+  auto yd = y->dimensions();
+  S9_RETURN_IF_ERROR(CheckSeparable(op, xd, dd, pd, yd, "y"));
+  const Geometry g = MakeGeometry(xd, dd[0], dd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
+  S9_RETURN_IF_ERROR(CheckConv(op, g, ph_hi, pw_hi));
+  const Geometry gp = PointwiseGeometry(g);
+  const int64_t f = pd[1], mid = g.oh * g.ow * g.c;
+  const TapIndex index = ForwardIndex(g);
+  const int64_t chunks = NumChunks(pool, g.n);
+  std::vector<float> between(chunks * mid);  // Each thread's depthwise output.
+  ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
+    float* d = between.data() + chunk * mid;
+    for (int64_t n = begin; n < end; ++n) {
+      GatherTaps(g, index, x.typed_data() + n * g.h * g.w * g.c, depthwise.typed_data(), d);
+      DenseForwardImage(gp, f, d, pointwise.typed_data(), nullptr,
+                        y->typed_data() + n * g.oh * g.ow * f);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// All three gradients. Per image: the depthwise output again (from x), the 1x1's kernel
+// gradient and its input gradient (the depthwise output's gradient), then the depthwise
+// input and kernel gradients from that.
+ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> depthwise, ffi::Buffer<ffi::F32> pointwise,
+                             ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
+                             ffi::ResultBuffer<ffi::F32> ddepthwise,
+                             ffi::ResultBuffer<ffi::F32> dpointwise, int64_t sh, int64_t sw,
+                             int64_t dh, int64_t dw, int64_t ph, int64_t pw, int64_t ph_hi,
+                             int64_t pw_hi) {
+  constexpr char op[] = "s9_separable_backward";
+  auto xd = x.dimensions();
+  auto dd = depthwise.dimensions();
+  auto pd = pointwise.dimensions();
+  auto yd = dy.dimensions();
+  S9_RETURN_IF_ERROR(CheckSeparable(op, xd, dd, pd, yd, "dy"));
+  S9_RETURN_IF_ERROR(CheckShape(op, "dx", dx->dimensions(), "x", xd));
+  S9_RETURN_IF_ERROR(CheckShape(op, "ddepthwise", ddepthwise->dimensions(), "depthwise", dd));
+  S9_RETURN_IF_ERROR(CheckShape(op, "dpointwise", dpointwise->dimensions(), "pointwise", pd));
+  const Geometry g = MakeGeometry(xd, dd[0], dd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
+  S9_RETURN_IF_ERROR(CheckConv(op, g, ph_hi, pw_hi));
+  const Geometry gp = PointwiseGeometry(g);
+  const int64_t c = g.c, f = pd[1], mid = g.oh * g.ow * c;
+  const int64_t depthwise_size = g.kh * g.kw * c, pointwise_size = c * f;
+  std::vector<float> transposed(f * c);  // The 1x1 kernel as (f, c), for its input gradient.
+  const float* wp = pointwise.typed_data();
+  for (int64_t ci = 0; ci < c; ++ci)
+    for (int64_t co = 0; co < f; ++co) transposed[co * c + ci] = wp[ci * f + co];
+  const TapIndex input_index = InputGradIndex(g), forward = ForwardIndex(g);
+  const int64_t chunks = NumChunks(pool, g.n);
+  std::vector<double> partial(chunks * (depthwise_size + pointwise_size), 0.0);
+  std::vector<float> between(chunks * 2 * mid);  // Each thread's depthwise output and its gradient.
+  std::vector<float> trash(chunks * c);
+  ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
+    float* d = between.data() + chunk * 2 * mid;
+    float* dd_image = d + mid;
+    double* total_depthwise = partial.data() + chunk * (depthwise_size + pointwise_size);
+    double* total_pointwise = total_depthwise + depthwise_size;
+    for (int64_t n = begin; n < end; ++n) {
+      const float* xi = x.typed_data() + n * g.h * g.w * c;
+      const float* grad = dy.typed_data() + n * g.oh * g.ow * f;
+      GatherTaps(g, forward, xi, depthwise.typed_data(), d);
+      DenseKernelGradImage(gp, f, d, grad, total_pointwise);
+      DenseInputGradImage(gp, f, grad, transposed.data(), trash.data() + chunk * c, dd_image);
+      GatherTaps(g, input_index, dd_image, depthwise.typed_data(),
+                 dx->typed_data() + n * g.h * g.w * c);
+      ImageKernelGrad(g, forward, xi, dd_image, total_depthwise);
+    }
+  });
+  std::vector<float> totals(depthwise_size + pointwise_size);
+  ReducePartials(partial, chunks, depthwise_size + pointwise_size, totals.data());
+  std::copy(totals.begin(), totals.begin() + depthwise_size, ddepthwise->typed_data());
+  std::copy(totals.begin() + depthwise_size, totals.end(), dpointwise->typed_data());
+  return ffi::Error::Success();
+}
+
 // out[0] = sum over n, h, w of b; out[1] = sum of (a - shift) * b (per channel):
 // BatchNorm's statistics (a = b = x, shift 0) and its gradient sums (a = x, b = dy,
 // shift = the batch mean) in one pass. Each image row's sum is float32, rows are added
@@ -941,4 +1055,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(S9DenseKernelGrad, DenseKernelGrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dy
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dkernel
+                                  S9_CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(S9SeparableForward, SeparableForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // depthwise (kh, kw, c)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // pointwise (c, f)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  S9_CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(S9SeparableBackward, SeparableBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // depthwise
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // pointwise
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // ddepthwise
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dpointwise
                                   S9_CONV_ATTRS);

@@ -1,0 +1,67 @@
+"""The fused depthwise-separable op (`ops.separable`, one C++ call each way) against the
+two convs it replaces (the C++ depthwise kernel, then XLA's 1x1 matmul and its
+kernel-gradient dot): median ms of the forward, and of forward and backward (all three
+gradients), at the networks' shapes, batch 128, on this machine.
+
+    python benchmarks/separable_conv.py [--calls 30]
+
+One line per shape: (N, H, W, C) -> F, stride s, dilation d, then `two convs` and
+`fused`, each forward ms / forward+backward ms. Both jitted with the train step's
+compiler options (`ops.compiler_options`).
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.depthwise_kernels import median_ms, start  # noqa: E402
+from s9jax import ops  # noqa: E402
+
+# (N, H, W, C), F, stride, dilation: tiny.py's 32x32, 16x16 and 8x8 blocks and its
+# separable downsampling, fast.py's 16x16 and 4x4 blocks.
+SHAPES = [((128, 32, 32, 16), 16, 1, 1), ((128, 16, 16, 32), 32, 1, 1),
+          ((128, 16, 16, 32), 64, 2, 2), ((128, 8, 8, 64), 64, 1, 1),
+          ((128, 8, 8, 96), 96, 1, 1), ((128, 16, 16, 48), 48, 1, 1),
+          ((128, 4, 4, 160), 160, 1, 1)]
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def two_convs(x, depthwise, pointwise, stride, dilation):
+  conv = functools.partial(ops.fast_conv_general_dilated, use_native=True,
+                           dimension_numbers=DN)
+  y = conv(x, depthwise, (stride, stride), ((dilation, dilation),) * 2,
+           rhs_dilation=(dilation, dilation), feature_group_count=x.shape[-1])
+  return conv(y, pointwise, (1, 1), "VALID")
+
+
+def fused(x, depthwise, pointwise, stride, dilation):
+  return ops.separable(x, depthwise, pointwise, (stride, stride), (dilation, dilation),
+                       ((dilation, dilation),) * 2)
+
+
+def main():
+  args = start(__doc__)
+  jit = functools.partial(jax.jit, compiler_options=ops.compiler_options("cpu"))
+  rng = np.random.default_rng(0)
+  for shape, features, stride, dilation in SHAPES:
+    c = shape[-1]
+    x, depthwise, pointwise = (rng.normal(size=s).astype(np.float32)
+                               for s in (shape, (3, 3, 1, c), (1, 1, c, features)))
+    line = f"{str(shape):18s} -> {features:3d}, stride {stride} dilation {dilation}:"
+    for name, op in (("two convs", two_convs), ("fused", fused)):
+      forward = functools.partial(op, stride=stride, dilation=dilation)
+      dy = np.ones(jax.eval_shape(forward, x, depthwise, pointwise).shape, np.float32)
+      both = jit(lambda x, d, p, dy, f=forward: jax.vjp(f, x, d, p)[1](dy))
+      line += (f"  {name} {median_ms(jit(forward), (x, depthwise, pointwise), args.calls):5.2f}"
+               f" / {median_ms(both, (x, depthwise, pointwise, dy), args.calls):5.2f} ms")
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+  main()
