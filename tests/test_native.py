@@ -100,7 +100,7 @@ BAD_CALLS = {
                                    r"pointwise kernel input channels \(6\) must equal x "
                                    r"channels \(8\)"),
     "separable-backward-dy-batch": (separable_backward(), [X, DW, PW, (3, 9, 9, 12)],
-                                    r"dy \(3\) must equal x batch \(2\)"),
+                                    r"dy batch \(3\) must equal x batch \(2\)"),
     "separable-backward-dy-channels": (separable_backward(), [X, DW, PW, (2, 9, 9, 8)],
                                        r"output channels \(8\) must equal pointwise kernel "
                                        r"output channels \(12\)"),

@@ -863,7 +863,8 @@ ffi::Error CheckSeparable(const char* op, Dims xd, Dims dd, Dims pd, Dims yd,
   S9_RETURN_IF_ERROR(CheckSame(op, "depthwise kernel channels", dd[2], "x channels", xd[3]));
   S9_RETURN_IF_ERROR(CheckSame(op, "pointwise kernel input channels", pd[0], "x channels",
                                xd[3]));
-  S9_RETURN_IF_ERROR(CheckSame(op, y_name, yd[0], "x batch", xd[0]));
+  S9_RETURN_IF_ERROR(CheckSame(op, (std::string(y_name) + " batch").c_str(), yd[0], "x batch",
+                               xd[0]));
   return CheckSame(op, "output channels", yd[3], "pointwise kernel output channels", pd[1]);
 }
 
