@@ -3,9 +3,9 @@
 // BatchNorm's per-channel sums; dense KxK convolutions, which XLA runs through an
 // im2col copy (forward, input gradient and kernel gradient, each its own call so XLA
 // drops the first layer's unused input gradient); and depthwise-separable convolutions
-// (a depthwise conv, then a 1x1) as one op each way, built from the same per-image code. Called from s9jax/native.py through
-// jax.ffi; float32 NHWC only; tests/test_ops.py checks them against
-// lax.conv_general_dilated.
+// (a depthwise conv, then a 1x1) as one op each way, built from the same per-image code.
+// Called from s9jax/native.py through jax.ffi; float32 NHWC only; tests/test_ops.py
+// checks them against lax.conv_general_dilated.
 //
 // Each kernel makes one pass over its operands, image by image, with the channel axis
 // innermost in vector registers, the conv's zero padding, stride and dilation handled by
@@ -604,6 +604,17 @@ void DenseForwardImage(const Geometry& g, int64_t cout, const float* x, const fl
   }
 }
 
+// A dense kernel (taps, cin, cout) as (taps, cout, cin): the layout the input gradient
+// (DenseInputGradImage) reads.
+std::vector<float> TransposedKernel(const float* w, int64_t taps, int64_t cin, int64_t cout) {
+  std::vector<float> wt(taps * cout * cin);
+  for (int64_t t = 0; t < taps; ++t)
+    for (int64_t ci = 0; ci < cin; ++ci)
+      for (int64_t co = 0; co < cout; ++co)
+        wt[(t * cout + co) * cin + ci] = w[(t * cin + ci) * cout + co];
+  return wt;
+}
+
 // One image's input gradient, as the forward's transpose: every output pixel adds
 // w[t] @ dy[p, q] to the input pixel its tap t read. wt is the kernel as
 // (kh, kw, cout, cin); taps in the padding add to `trash` (cin floats).
@@ -790,13 +801,8 @@ ffi::Error DenseInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   S9_RETURN_IF_ERROR(CheckSame(op, "dx channels", xd[3], "kernel input channels", kd[2]));
   const Geometry g = MakeGeometry(xd, kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
   S9_RETURN_IF_ERROR(CheckConv(op, g, ph_hi, pw_hi));
-  const int64_t cout = kd[3], taps = g.kh * g.kw;
-  std::vector<float> wt(taps * cout * g.c);  // (kh, kw, cout, cin)
-  const float* w = kernel.typed_data();
-  for (int64_t t = 0; t < taps; ++t)
-    for (int64_t ci = 0; ci < g.c; ++ci)
-      for (int64_t co = 0; co < cout; ++co)
-        wt[(t * cout + co) * g.c + ci] = w[(t * g.c + ci) * cout + co];
+  const int64_t cout = kd[3];
+  const std::vector<float> wt = TransposedKernel(kernel.typed_data(), g.kh * g.kw, g.c, cout);
   const int64_t chunks = NumChunks(pool, g.n);
   std::vector<float> trash(chunks * g.c);
   ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
@@ -920,10 +926,8 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const Geometry gp = PointwiseGeometry(g);
   const int64_t c = g.c, f = pd[1], mid = g.oh * g.ow * c;
   const int64_t depthwise_size = g.kh * g.kw * c, pointwise_size = c * f;
-  std::vector<float> transposed(f * c);  // The 1x1 kernel as (f, c), for its input gradient.
-  const float* wp = pointwise.typed_data();
-  for (int64_t ci = 0; ci < c; ++ci)
-    for (int64_t co = 0; co < f; ++co) transposed[co * c + ci] = wp[ci * f + co];
+  // The 1x1 kernel as (f, c), for its input gradient.
+  const std::vector<float> transposed = TransposedKernel(pointwise.typed_data(), 1, c, f);
   const TapIndex input_index = InputGradIndex(g), forward = ForwardIndex(g);
   const int64_t chunks = NumChunks(pool, g.n);
   std::vector<double> partial(chunks * (depthwise_size + pointwise_size), 0.0);
