@@ -1,13 +1,16 @@
 """The fused depthwise-separable op (`ops.separable`, one C++ call each way) against the
 two convs it replaces (the C++ depthwise kernel, then XLA's 1x1 matmul and its
-kernel-gradient dot): median ms of the forward, and of forward and backward (all three
-gradients), at the networks' shapes, batch 128, on this machine.
+kernel-gradient dot), and the same op with the BatchNorm (training mode) and ReLU before
+it applied apart (`models.BatchNorm`'s op, XLA's ReLU) or as it reads its input
+(`ops.separable_of_normalised`, as in the middle of a residual block): median ms of the
+forward, and of forward and backward (all gradients), at the networks' shapes, batch 128,
+on this machine.
 
     python benchmarks/separable_conv.py [--calls 30]
 
-One line per shape: (N, H, W, C) -> F, stride s, dilation d, then `two convs` and
-`fused`, each forward ms / forward+backward ms. Both jitted with the train step's
-compiler options (`ops.compiler_options`).
+One line per shape: (N, H, W, C) -> F, stride s, dilation d, then `two convs`, `fused`,
+`norm apart` and `norm in op`, each forward ms / forward+backward ms. All jitted with the
+train step's compiler options (`ops.compiler_options`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 
 import jax
 import numpy as np
+from jax import lax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks.depthwise_kernels import median_ms, start  # noqa: E402
@@ -30,6 +34,7 @@ SHAPES = [((128, 32, 32, 16), 16, 1, 1), ((128, 16, 16, 32), 32, 1, 1),
           ((128, 8, 8, 96), 96, 1, 1), ((128, 16, 16, 48), 48, 1, 1),
           ((128, 4, 4, 160), 160, 1, 1)]
 DN = ("NHWC", "HWIO", "NHWC")
+EPSILON = 1e-5  # BatchNorm's, as in the networks.
 
 
 def two_convs(x, depthwise, pointwise, stride, dilation):
@@ -45,6 +50,18 @@ def fused(x, depthwise, pointwise, stride, dilation):
                        ((dilation, dilation),) * 2)
 
 
+def norm_apart(x, depthwise, pointwise, scale, bias, stride, dilation):
+  y, _, _ = ops.batch_norm_train(x, scale, bias, EPSILON, True)
+  return fused(jax.nn.relu(y), depthwise, pointwise, stride, dilation)
+
+
+def norm_in_op(x, depthwise, pointwise, scale, bias, stride, dilation):
+  mean, var = ops.batch_moments(x, True)
+  return ops.separable_of_normalised(x, mean, lax.rsqrt(var + EPSILON) * scale, bias,
+                                     depthwise, pointwise, (stride, stride),
+                                     (dilation, dilation), ((dilation, dilation),) * 2)
+
+
 def main():
   args = start(__doc__)
   jit = functools.partial(jax.jit, compiler_options=ops.compiler_options("cpu"))
@@ -53,13 +70,17 @@ def main():
     c = shape[-1]
     x, depthwise, pointwise = (rng.normal(size=s).astype(np.float32)
                                for s in (shape, (3, 3, 1, c), (1, 1, c, features)))
+    scale, bias = rng.uniform(0.5, 2.0, c).astype(np.float32), np.zeros(c, np.float32)
     line = f"{str(shape):18s} -> {features:3d}, stride {stride} dilation {dilation}:"
-    for name, op in (("two convs", two_convs), ("fused", fused)):
+    for name, op, operands in (("two convs", two_convs, (x, depthwise, pointwise)),
+                               ("fused", fused, (x, depthwise, pointwise)),
+                               ("norm apart", norm_apart, (x, depthwise, pointwise, scale, bias)),
+                               ("norm in op", norm_in_op, (x, depthwise, pointwise, scale, bias))):
       forward = functools.partial(op, stride=stride, dilation=dilation)
-      dy = np.ones(jax.eval_shape(forward, x, depthwise, pointwise).shape, np.float32)
-      both = jit(lambda x, d, p, dy, f=forward: jax.vjp(f, x, d, p)[1](dy))
-      line += (f"  {name} {median_ms(jit(forward), (x, depthwise, pointwise), args.calls):5.2f}"
-               f" / {median_ms(both, (x, depthwise, pointwise, dy), args.calls):5.2f} ms")
+      dy = np.ones(jax.eval_shape(forward, *operands).shape, np.float32)
+      both = jit(lambda dy, *operands, f=forward: jax.vjp(f, *operands)[1](dy))
+      line += (f"  {name} {median_ms(jit(forward), operands, args.calls):5.2f}"
+               f" / {median_ms(both, (dy, *operands), args.calls):5.2f} ms")
     print(line, flush=True)
 
 

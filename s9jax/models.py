@@ -5,7 +5,8 @@ Every convolution is a plain `nn.Conv` (kernel shape HWIO, `feature_group_count`
 depthwise, `kernel_dilation` for dilated), so the parameter tree and the receptive-field
 tracer see the canonical form; `conv_impl` only swaps the function that computes it
 (see ops.py). One exception, with the same parameters: with the C++ kernels a
-depthwise-separable conv is one fused op (`SeparableConv`).
+depthwise-separable conv is one fused op (`SeparableConv`), which in a residual block
+also applies the BatchNorm and ReLU before it (`ResidualSeparable`).
 """
 
 from __future__ import annotations
@@ -49,20 +50,28 @@ class BatchNorm(nn.Module):
   use_native: bool = False  # The C++ per-channel sums (ops.resolve's 'native').
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, as_prologue: bool = False):
+    """The normalised x; with `as_prologue`, the (shift, scale, bias) that normalise it as
+    scale * (x - shift) + bias, for the next op to apply (`ops.separable_of_normalised`)."""
     features = (x.shape[-1],)
     scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
     if self.use_running_average:
-      y = ((x.astype(jnp.float32) - ra_mean.value)
-           * (lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias)
-      return y.astype(self.dtype)
-    y, mean, var = ops.batch_norm_train(x, scale, bias, self.epsilon, self.use_native)
+      shift, multiplier = ra_mean.value, lax.rsqrt(ra_var.value + self.epsilon) * scale
+      if as_prologue:
+        return shift, multiplier, bias
+      return ((x.astype(jnp.float32) - shift) * multiplier + bias).astype(self.dtype)
+    if as_prologue:
+      mean, var = ops.batch_moments(x, self.use_native)
+    else:
+      y, mean, var = ops.batch_norm_train(x, scale, bias, self.epsilon, self.use_native)
     if not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    if as_prologue:
+      return mean, lax.rsqrt(var + self.epsilon) * scale, bias
     return y.astype(self.dtype)
 
 
@@ -120,15 +129,29 @@ class SeparableConv(nn.Module):
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
 
+  @nn.nowrap
+  def fuses_prologue(self) -> bool:
+    """Whether this conv is one C++ op, which also applies a prologue as it reads."""
+    return ops.resolve(self.conv_impl) == "native" and self.dtype == jnp.float32
+
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, prologue=None):
+    """The conv of x or, with `prologue` (shift, scale, bias), of relu(scale * (x -
+    shift) + bias): a BatchNorm and ReLU, applied by the fused op as it reads x when
+    `fuses_prologue()`, else by XLA first."""
     pad = self.dilation if self.padding is None else self.padding
     channels = x.shape[-1]
-    if ops.resolve(self.conv_impl) == "native" and self.dtype == jnp.float32:
+    if self.fuses_prologue():
       depthwise = ConvKernel((3, 3, 1, channels), name="depthwise")()
       pointwise = ConvKernel((1, 1, channels, self.features), name="pointwise")()
-      return ops.separable(x.astype(jnp.float32), depthwise, pointwise,
-                           (self.strides,) * 2, (self.dilation,) * 2, ((pad, pad),) * 2)
+      geometry = ((self.strides,) * 2, (self.dilation,) * 2, ((pad, pad),) * 2)
+      if prologue is not None:
+        return ops.separable_of_normalised(x.astype(jnp.float32), *prologue, depthwise,
+                                           pointwise, *geometry)
+      return ops.separable(x.astype(jnp.float32), depthwise, pointwise, *geometry)
+    if prologue is not None:
+      shift, scale, bias = prologue
+      x = nn.relu((x.astype(jnp.float32) - shift) * scale + bias).astype(self.dtype)
     conv = conv_factory(self.conv_impl, self.dtype)
     x = conv(channels, (3, 3), strides=self.strides, padding=pad,
              kernel_dilation=self.dilation, feature_group_count=channels,
@@ -219,9 +242,15 @@ class ResidualSeparable(nn.Module):
   def __call__(self, x, train: bool = False):
     y = SeparableConv(x.shape[-1], dilation=self.dilation, conv_impl=self.conv_impl,
                       dtype=self.dtype)(x)
-    y = batch_norm_activation(self, y, train)
-    y = SeparableConv(x.shape[-1], dilation=self.dilation, conv_impl=self.conv_impl,
-                      dtype=self.dtype)(y)
+    second = SeparableConv(x.shape[-1], dilation=self.dilation, conv_impl=self.conv_impl,
+                           dtype=self.dtype)
+    if second.fuses_prologue() and self.activation == "relu":
+      # The middle BatchNorm and ReLU, applied by the second conv as it reads y: their
+      # output is never written, nor its gradient (the same parameters and maths).
+      norm = norm_factory(self.conv_impl, self.dtype)(use_running_average=not train)
+      y = second(y, prologue=norm(y, as_prologue=True))
+    else:
+      y = second(batch_norm_activation(self, y, train))
     y = norm_factory(self.conv_impl, self.dtype)(use_running_average=not train)(y)
     if self.residual_activation == "branch":
       y = ACTIVATIONS[self.activation](y)

@@ -1,7 +1,8 @@
 """C++ CPU kernels (s9jax/native/kernels.cc) for the ops XLA:CPU runs as many small
 memory-bound passes: depthwise convolution and BatchNorm's per-channel sums; dense
 3x3 convolutions, which XLA computes through a 9x wider im2col copy; and
-depthwise-separable convolutions as one op, whose depthwise output never goes to memory.
+depthwise-separable convolutions as one op, whose depthwise output never goes to memory,
+optionally with the BatchNorm and ReLU before them (whose output then never does either).
 
 Compiled with the system C++ compiler the first time they are asked for (a few seconds),
 into a cache keyed by the source, the compiler and its flags, jax's version and this CPU,
@@ -202,19 +203,33 @@ def dense_kernel_grad(x, dy, kernel_hw, strides, dilation, pads):
       x, dy, **_conv_attrs(strides, dilation, pads))
 
 
-def separable_forward(x, depthwise, pointwise, out_hw, strides, dilation, pads):
+def _no_prologue(x):
+  return jnp.zeros((0, x.shape[-1]), jnp.float32)
+
+
+def separable_forward(x, depthwise, pointwise, out_hw, strides, dilation, pads, prologue=None):
   """x (N, H, W, C), depthwise (KH, KW, C), pointwise (C, F) -> y (N, OH, OW, F): the
-  depthwise conv, then the 1x1, without writing the depthwise output to memory."""
+  depthwise conv, then the 1x1, without writing the depthwise output to memory. With
+  `prologue` (3, C), rows shift, scale, bias, the convs read relu(scale * (x - shift) +
+  bias) in place of x, computed image by image and never written."""
+  prologue = _no_prologue(x) if prologue is None else prologue
   out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, pointwise.shape[-1]), jnp.float32)
   return jax.ffi.ffi_call("s9_separable_forward", out)(
-      x, depthwise, pointwise, **_conv_attrs(strides, dilation, pads))
+      x, prologue, depthwise, pointwise, **_conv_attrs(strides, dilation, pads))
 
 
-def separable_backward(x, depthwise, pointwise, dy, strides, dilation, pads):
-  """The gradients (dx, ddepthwise, dpointwise) of `separable_forward` for dy."""
+def separable_backward(x, depthwise, pointwise, dy, strides, dilation, pads, prologue=None):
+  """The gradients (dx, ddepthwise, dpointwise) of `separable_forward` for dy; with a
+  `prologue`, (dx, ddepthwise, dpointwise, sums), sums (2, C) being the sum of the ReLU's
+  output gradient and of its product with (x - shift), per channel."""
+  normalise = prologue is not None
+  prologue = prologue if normalise else _no_prologue(x)
   out = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, depthwise, pointwise))
-  return jax.ffi.ffi_call("s9_separable_backward", out)(
-      x, depthwise, pointwise, dy, **_conv_attrs(strides, dilation, pads))
+  out = (out[0], jax.ShapeDtypeStruct((2 if normalise else 0, x.shape[-1]), jnp.float32),
+         *out[1:])
+  dx, sums, ddepthwise, dpointwise = jax.ffi.ffi_call("s9_separable_backward", out)(
+      x, prologue, depthwise, pointwise, dy, **_conv_attrs(strides, dilation, pads))
+  return (dx, ddepthwise, dpointwise, sums) if normalise else (dx, ddepthwise, dpointwise)
 
 
 def channel_sums(a, b, shift=None):

@@ -252,6 +252,39 @@ def _separable_bwd(strides, dilation, pads, residuals, dy):
 separable.defvjp(_separable_fwd, _separable_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def separable_of_normalised(x, shift, scale, bias, depthwise, pointwise, strides, dilation,
+                            pads):
+  """`separable` of relu(scale * (x - shift) + bias), per channel: the previous layer's
+  BatchNorm and ReLU applied by the C++ op as it reads x, so their output is never
+  written (forward) and their backward comes out of the op's (the ReLU's mask and the
+  sums for shift, scale and bias)."""
+  return _separable_of_normalised_fwd(x, shift, scale, bias, depthwise, pointwise, strides,
+                                      dilation, pads)[0]
+
+
+def _separable_of_normalised_fwd(x, shift, scale, bias, depthwise, pointwise, strides,
+                                 dilation, pads):
+  prologue = jnp.stack([shift, scale, bias])
+  out_hw = _out_hw(x.shape[1:3], depthwise.shape[:2], strides, dilation, pads)
+  y = native.separable_forward(x, depthwise[:, :, 0, :], pointwise[0, 0], out_hw, strides,
+                               dilation, pads, prologue)
+  return y, (x, prologue, depthwise, pointwise)
+
+
+def _separable_of_normalised_bwd(strides, dilation, pads, residuals, dy):
+  x, prologue, depthwise, pointwise = residuals
+  dx, ddepthwise, dpointwise, sums = native.separable_backward(
+      x, depthwise[:, :, 0, :], pointwise[0, 0], dy, strides, dilation, pads, prologue)
+  # sums: the ReLU's input gradient g summed, and g * (x - shift) summed, per channel.
+  dshift = -prologue[1] * sums[0]
+  return (dx, dshift, sums[1], sums[0], ddepthwise.reshape(depthwise.shape),
+          dpointwise.reshape(pointwise.shape))
+
+
+separable_of_normalised.defvjp(_separable_of_normalised_fwd, _separable_of_normalised_bwd)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def batch_norm_train(x, scale, bias, epsilon: float, use_native: bool = False):
   """Training-mode BatchNorm over N, H, W of NHWC `x`: returns (y, mean, var), with the
@@ -268,7 +301,7 @@ def _pixels(x):
   return x.shape[0] * x.shape[1] * x.shape[2]
 
 
-def _batch_norm_fwd(x, scale, bias, epsilon, use_native):
+def _moments(x, use_native):
   count = _pixels(x)
   if use_native and x.dtype == jnp.float32:
     total, squares = native.channel_sums(x, x)
@@ -277,6 +310,11 @@ def _batch_norm_fwd(x, scale, bias, epsilon, use_native):
   else:
     mean = _sum_over_nhw(x) / count
     var = jnp.maximum(_sum_over_nhw(x, x) / count - mean * mean, 0.0)
+  return mean, var
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon, use_native):
+  mean, var = _moments(x, use_native)
   inv = lax.rsqrt(var + epsilon)
   y = ((x.astype(jnp.float32) - mean) * (inv * scale) + bias).astype(x.dtype)
   return (y, mean, var), (x, mean, inv, scale)
@@ -301,6 +339,32 @@ def _batch_norm_bwd(epsilon, use_native, residuals, cotangents):
 
 
 batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def batch_moments(x, use_native: bool = False):
+  """(mean, var) of NHWC `x` over N, H, W in float32, as `batch_norm_train` computes them,
+  differentiable: for a BatchNorm whose normalisation is applied elsewhere
+  (`separable_of_normalised`), autodiff through these and the op's own gradients gives
+  `batch_norm_train`'s backward."""
+  return _moments(x, use_native)
+
+
+def _batch_moments_fwd(x, use_native):
+  mean, var = _moments(x, use_native)
+  return (mean, var), (x, mean)
+
+
+def _batch_moments_bwd(use_native, residuals, cotangents):
+  del use_native
+  x, mean = residuals
+  dmean, dvar = cotangents
+  # d var / d x = 2 (x - mean) / count: var's own mean term cancels in the sum.
+  dx = (dmean + 2.0 * dvar * (x.astype(jnp.float32) - mean)) / _pixels(x)
+  return (dx.astype(x.dtype),)
+
+
+batch_moments.defvjp(_batch_moments_fwd, _batch_moments_bwd)
 
 
 def _fmix32(h):

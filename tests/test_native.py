@@ -50,11 +50,19 @@ def dense_kernel_grad(kernel_hw=(3, 3), strides=ONE, dilation=ONE, pads=SAME):
   return _args_last(native.dense_kernel_grad, kernel_hw, strides, dilation, pads)
 
 
-def separable_forward(out_hw=(9, 9), strides=ONE, dilation=ONE, pads=SAME):
+def separable_forward(out_hw=(9, 9), strides=ONE, dilation=ONE, pads=SAME,
+                      with_prologue=False):
+  """With `with_prologue`, the prologue is the second operand, after x."""
+  if with_prologue:
+    return lambda x, prologue, *rest: native.separable_forward(
+        x, *rest, out_hw, strides, dilation, pads, prologue)
   return _args_last(native.separable_forward, out_hw, strides, dilation, pads)
 
 
-def separable_backward(strides=ONE, dilation=ONE, pads=SAME):
+def separable_backward(strides=ONE, dilation=ONE, pads=SAME, with_prologue=False):
+  if with_prologue:
+    return lambda x, prologue, *rest: native.separable_backward(
+        x, *rest, strides, dilation, pads, prologue)
   return _args_last(native.separable_backward, strides, dilation, pads)
 
 
@@ -92,6 +100,12 @@ BAD_CALLS = {
                                    r"\(C, F\), got shape \(1, 1, 8, 12\)"),
     "separable-backward-dy-rank-3": (separable_backward(), [X, DW, PW, (9, 9, 12)],
                                      r"s9_separable_backward: dy must have rank 4"),
+    "separable-prologue-rows": (separable_forward(with_prologue=True), [X, (2, 8), DW, PW],
+                                r"s9_separable_forward: prologue must have shape \(3, 8\) or "
+                                r"\(0, 8\), got \(2, 8\)"),
+    "separable-backward-prologue-channels": (
+        separable_backward(with_prologue=True), [X, (3, 4), DW, PW, Y],
+        r"s9_separable_backward: prologue must have shape \(3, 8\) or \(0, 8\), got \(3, 4\)"),
     # Batch and channel counts.
     "separable-depthwise-channels": (separable_forward(), [X, (3, 3, 4), PW],
                                      r"depthwise kernel channels \(4\) must equal x "
@@ -136,8 +150,11 @@ BAD_CALLS = {
     "channel-sums-result": (raw("s9_channel_sums", (3, 8), conv_attrs=False), [X, X, (8,)],
                             r"the result must have shape \(2, C\) = \(2, 8\), got \(3, 8\)"),
     "separable-backward-dpointwise-shape": (
-        raw("s9_separable_backward", X, DW, (12, 8)), [X, DW, PW, Y],
+        raw("s9_separable_backward", X, (0, 8), DW, (12, 8)), [X, (0, 8), DW, PW, Y],
         r"dpointwise must have pointwise's shape \(8, 12\), got \(12, 8\)"),
+    "separable-backward-dprologue-shape": (
+        raw("s9_separable_backward", X, (2, 4), DW, PW), [X, (3, 8), DW, PW, Y],
+        r"dprologue must have shape \(2, 8\), got \(2, 4\)"),
     # Output sizes against the input, stride, dilation and padding.
     "separable-out-hw": (separable_forward(out_hw=(9, 4)), [X, DW, PW],
                          r"s9_separable_forward: output width 4 does not follow"),

@@ -184,6 +184,54 @@ def test_fused_separable_matches_two_lax_convs(x_shape, features, stride, dilati
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-2)
 
 
+# The same op with a BatchNorm and ReLU applied as it reads its input (the middle of every
+# residual block with the C++ kernels) against models.BatchNorm, ReLU and the two lax
+# convs: values, gradients of all four parameters, x's and the running statistics, in
+# both BatchNorm modes, on an off-centre x (so an uncentred sum would show) with channels
+# both sides of the ReLU.
+@NATIVE
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("x_shape,features,stride,dilation", [
+    ((3, 9, 10, 25), 85, 1, 1), ((2, 11, 7, 5), 27, 2, 2), ((2, 8, 8, 16), 16, 1, 2)])
+def test_separable_of_normalised_matches_batch_norm_relu_and_two_convs(
+    x_shape, features, stride, dilation, train):
+  channels = x_shape[-1]
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(0), x_shape)
+  kernels = (jax.random.normal(jax.random.PRNGKey(1), (3, 3, 1, channels)),
+             jax.random.normal(jax.random.PRNGKey(2), (1, 1, channels, features)))
+  params = {"scale": jnp.linspace(0.5, 2.0, channels), "bias": jnp.linspace(-1.0, 1.0, channels)}
+  stats = {"mean": jnp.full(channels, 2.5), "var": jnp.full(channels, 3.0)}
+  norm = models.BatchNorm(use_running_average=not train, use_native=True)
+  geometry = ((stride, stride), (dilation, dilation), ((dilation, dilation),) * 2)
+
+  def unfused(params, x, depthwise, pointwise):
+    y, updates = norm.apply({"params": params, "batch_stats": stats}, x,
+                            mutable=["batch_stats"])
+    y = lax.conv_general_dilated(nn.relu(y), depthwise, geometry[0], geometry[2], None,
+                                 geometry[1], DN, channels)
+    return lax.conv_general_dilated(y, pointwise, (1, 1), "VALID", None, None, DN), updates
+
+  def fused(params, x, depthwise, pointwise):
+    prologue, updates = norm.apply({"params": params, "batch_stats": stats}, x,
+                                   as_prologue=True, mutable=["batch_stats"])
+    return ops.separable_of_normalised(x, *prologue, depthwise, pointwise, *geometry), updates
+
+  y_want, vjp_want, updates_want = jax.vjp(unfused, params, x, *kernels, has_aux=True)
+  y_got, vjp_got, updates_got = jax.vjp(fused, params, x, *kernels, has_aux=True)
+  np.testing.assert_allclose(y_got, y_want, rtol=1e-4, atol=1e-3)
+  relu_output = nn.relu(norm.apply({"params": params, "batch_stats": stats}, x,
+                                   mutable=["batch_stats"])[0])
+  assert 0.2 < float(jnp.mean(relu_output > 0)) < 0.8  # Both sides of the ReLU.
+  for got, want in zip(jax.tree.leaves(updates_got), jax.tree.leaves(updates_want)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  dy = jax.random.normal(jax.random.PRNGKey(3), y_want.shape)
+  grads_want, grads_got = vjp_want(dy), vjp_got(dy)
+  assert jax.tree.structure(grads_got) == jax.tree.structure(grads_want)
+  for got, want in zip(jax.tree.leaves(grads_got), jax.tree.leaves(grads_want)):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-2 * float(jnp.max(jnp.abs(want))))
+
+
 # test_models checks it computes base's function. Training mode only: the convolutions
 # are the same code in both modes, and inference-mode BatchNorm is compared with
 # nn.BatchNorm below (the inference-mode cases took ~70 s of the suite's 10 minutes).

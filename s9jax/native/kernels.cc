@@ -874,27 +874,85 @@ ffi::Error CheckSeparable(const char* op, Dims xd, Dims dd, Dims pd, Dims yd,
   return CheckSame(op, "output channels", yd[3], "pointwise kernel output channels", pd[1]);
 }
 
+// The separable ops' optional prologue, a BatchNorm with known statistics and a ReLU on
+// their input: `prologue` is (3, C), rows shift, scale and bias, for relu(scale * (x -
+// shift) + bias), or (0, C) for none. The previous layer's BatchNorm-apply and ReLU then
+// never write their output: the conv computes it image by image, in cache.
+ffi::Error CheckPrologue(const char* op, Dims prologue, int64_t c) {
+  S9_RETURN_IF_ERROR(CheckRank(op, "prologue", prologue, 2, "(3 or 0, C)"));
+  if ((prologue[0] == 3 || prologue[0] == 0) && prologue[1] == c) return ffi::Error::Success();
+  return Invalid(op, "prologue must have shape (3, ", c, ") or (0, ", c, "), got ",
+                 ShapeString(prologue));
+}
+
+// out = relu(scale * (x - shift) + bias) over `pixels` pixels of `c` channels.
+void NormaliseRelu(int64_t pixels, int64_t c, const float* __restrict x,
+                   const float* __restrict prologue, float* __restrict out) {
+  const float* __restrict shift = prologue;
+  const float* __restrict scale = prologue + c;
+  const float* __restrict bias = prologue + 2 * c;
+  for (int64_t p = 0; p < pixels; ++p)
+    for (int64_t k = 0; k < c; ++k)
+      out[p * c + k] = std::max(scale[k] * (x[p * c + k] - shift[k]) + bias[k], 0.0f);
+}
+
+// The prologue's backward for one image: g = dz where z = relu(...) > 0, else 0;
+// dx = scale * g, and adds sum of g and sum of g * (x - shift) per channel (bias's and
+// scale's gradients; shift's is -scale * the first) to total (2, c), summed in float32
+// along each image row and added in float64, as ChannelSums does.
+void NormaliseReluGrad(int64_t rows, int64_t cols, int64_t c, const float* __restrict x,
+                       const float* __restrict z, const float* __restrict dz,
+                       const float* __restrict prologue, float* __restrict dx,
+                       float* __restrict row_sums, double* total) {
+  const float* __restrict shift = prologue;
+  const float* __restrict scale = prologue + c;
+  for (int64_t r = 0; r < rows; ++r) {
+    std::fill(row_sums, row_sums + 2 * c, 0.0f);
+    for (int64_t q = 0; q < cols; ++q) {
+      const int64_t at = (r * cols + q) * c;
+      for (int64_t k = 0; k < c; ++k) {
+        const float g = z[at + k] > 0.0f ? dz[at + k] : 0.0f;
+        dx[at + k] = scale[k] * g;
+        row_sums[k] += g;
+        row_sums[c + k] += g * (x[at + k] - shift[k]);
+      }
+    }
+    for (int64_t k = 0; k < 2 * c; ++k) total[k] += row_sums[k];
+  }
+}
+
 ffi::Error SeparableForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                            ffi::Buffer<ffi::F32> depthwise, ffi::Buffer<ffi::F32> pointwise,
-                            ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t dh,
-                            int64_t dw, int64_t ph, int64_t pw, int64_t ph_hi, int64_t pw_hi) {
+                            ffi::Buffer<ffi::F32> prologue, ffi::Buffer<ffi::F32> depthwise,
+                            ffi::Buffer<ffi::F32> pointwise, ffi::ResultBuffer<ffi::F32> y,
+                            int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph,
+                            int64_t pw, int64_t ph_hi, int64_t pw_hi) {
   constexpr char op[] = "s9_separable_forward";
   auto xd = x.dimensions();
   auto dd = depthwise.dimensions();
   auto pd = pointwise.dimensions();
   auto yd = y->dimensions();
   S9_RETURN_IF_ERROR(CheckSeparable(op, xd, dd, pd, yd, "y"));
+  S9_RETURN_IF_ERROR(CheckPrologue(op, prologue.dimensions(), xd[3]));
   const Geometry g = MakeGeometry(xd, dd[0], dd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
   S9_RETURN_IF_ERROR(CheckConv(op, g, ph_hi, pw_hi));
   const Geometry gp = PointwiseGeometry(g);
-  const int64_t f = pd[1], mid = g.oh * g.ow * g.c;
+  const bool normalise = prologue.dimensions()[0] > 0;
+  const int64_t f = pd[1], mid = g.oh * g.ow * g.c, image = g.h * g.w * g.c;
   const TapIndex index = ForwardIndex(g);
   const int64_t chunks = NumChunks(pool, g.n);
-  std::vector<float> between(chunks * mid);  // Each thread's depthwise output.
+  // Each thread's depthwise output, and its normalised input with a prologue.
+  const int64_t per_chunk = mid + (normalise ? image : 0);
+  std::vector<float> between(chunks * per_chunk);
   ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
-    float* d = between.data() + chunk * mid;
+    float* d = between.data() + chunk * per_chunk;
+    float* z = d + mid;
     for (int64_t n = begin; n < end; ++n) {
-      GatherTaps(g, index, x.typed_data() + n * g.h * g.w * g.c, depthwise.typed_data(), d);
+      const float* xi = x.typed_data() + n * image;
+      if (normalise) {
+        NormaliseRelu(g.h * g.w, g.c, xi, prologue.typed_data(), z);
+        xi = z;
+      }
+      GatherTaps(g, index, xi, depthwise.typed_data(), d);
       DenseForwardImage(gp, f, d, pointwise.typed_data(), nullptr,
                         y->typed_data() + n * g.oh * g.ow * f);
     }
@@ -902,12 +960,15 @@ ffi::Error SeparableForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
-// All three gradients. Per image: the depthwise output again (from x), the 1x1's kernel
-// gradient and its input gradient (the depthwise output's gradient), then the depthwise
-// input and kernel gradients from that.
+// All the gradients. Per image: the depthwise output again (from x, or from the
+// prologue's output, computed again too), the 1x1's kernel gradient and its input
+// gradient (the depthwise output's gradient), then the depthwise input and kernel
+// gradients from that; with a prologue, its input gradient and sums from the last.
 ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                             ffi::Buffer<ffi::F32> depthwise, ffi::Buffer<ffi::F32> pointwise,
-                             ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
+                             ffi::Buffer<ffi::F32> prologue, ffi::Buffer<ffi::F32> depthwise,
+                             ffi::Buffer<ffi::F32> pointwise, ffi::Buffer<ffi::F32> dy,
+                             ffi::ResultBuffer<ffi::F32> dx,
+                             ffi::ResultBuffer<ffi::F32> dprologue,
                              ffi::ResultBuffer<ffi::F32> ddepthwise,
                              ffi::ResultBuffer<ffi::F32> dpointwise, int64_t sh, int64_t sw,
                              int64_t dh, int64_t dw, int64_t ph, int64_t pw, int64_t ph_hi,
@@ -918,41 +979,69 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   auto pd = pointwise.dimensions();
   auto yd = dy.dimensions();
   S9_RETURN_IF_ERROR(CheckSeparable(op, xd, dd, pd, yd, "dy"));
+  S9_RETURN_IF_ERROR(CheckPrologue(op, prologue.dimensions(), xd[3]));
   S9_RETURN_IF_ERROR(CheckShape(op, "dx", dx->dimensions(), "x", xd));
+  const bool normalise = prologue.dimensions()[0] > 0;
+  const int64_t c = xd[3], sums = normalise ? 2 * c : 0;
+  auto dpd = dprologue->dimensions();
+  if (dpd.size() != 2 || dpd[0] != (normalise ? 2 : 0) || dpd[1] != c) {
+    return Invalid(op, "dprologue must have shape (", normalise ? 2 : 0, ", ", c, "), got ",
+                   ShapeString(dpd));
+  }
   S9_RETURN_IF_ERROR(CheckShape(op, "ddepthwise", ddepthwise->dimensions(), "depthwise", dd));
   S9_RETURN_IF_ERROR(CheckShape(op, "dpointwise", dpointwise->dimensions(), "pointwise", pd));
   const Geometry g = MakeGeometry(xd, dd[0], dd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
   S9_RETURN_IF_ERROR(CheckConv(op, g, ph_hi, pw_hi));
   const Geometry gp = PointwiseGeometry(g);
-  const int64_t c = g.c, f = pd[1], mid = g.oh * g.ow * c;
+  const int64_t f = pd[1], mid = g.oh * g.ow * c, image = g.h * g.w * c;
   const int64_t depthwise_size = g.kh * g.kw * c, pointwise_size = c * f;
+  const int64_t totals_size = depthwise_size + pointwise_size + sums;
   // The 1x1 kernel as (f, c), for its input gradient.
   const std::vector<float> transposed = TransposedKernel(pointwise.typed_data(), 1, c, f);
   const TapIndex input_index = InputGradIndex(g), forward = ForwardIndex(g);
   const int64_t chunks = NumChunks(pool, g.n);
-  std::vector<double> partial(chunks * (depthwise_size + pointwise_size), 0.0);
-  std::vector<float> between(chunks * 2 * mid);  // Each thread's depthwise output and its gradient.
+  std::vector<double> partial(chunks * totals_size, 0.0);
+  // Each thread's depthwise output and its gradient; with a prologue, also its normalised
+  // input, that input's gradient and per-row sums.
+  const int64_t per_chunk = 2 * mid + (normalise ? 2 * image + sums : 0);
+  std::vector<float> between(chunks * per_chunk);
   std::vector<float> trash(chunks * c);
   ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
-    float* d = between.data() + chunk * 2 * mid;
+    float* d = between.data() + chunk * per_chunk;
     float* dd_image = d + mid;
-    double* total_depthwise = partial.data() + chunk * (depthwise_size + pointwise_size);
+    float* z = dd_image + mid;
+    float* dz = z + image;
+    float* row_sums = dz + image;
+    double* total_depthwise = partial.data() + chunk * totals_size;
     double* total_pointwise = total_depthwise + depthwise_size;
+    double* total_prologue = total_pointwise + pointwise_size;
     for (int64_t n = begin; n < end; ++n) {
-      const float* xi = x.typed_data() + n * g.h * g.w * c;
+      const float* xi = x.typed_data() + n * image;
+      const float* input = xi;  // What the depthwise conv reads.
+      float* dxi = dx->typed_data() + n * image;
+      if (normalise) {
+        NormaliseRelu(g.h * g.w, c, xi, prologue.typed_data(), z);
+        input = z;
+      }
       const float* grad = dy.typed_data() + n * g.oh * g.ow * f;
-      GatherTaps(g, forward, xi, depthwise.typed_data(), d);
+      GatherTaps(g, forward, input, depthwise.typed_data(), d);
       DenseKernelGradImage(gp, f, d, grad, total_pointwise);
       DenseInputGradImage(gp, f, grad, transposed.data(), trash.data() + chunk * c, dd_image);
-      GatherTaps(g, input_index, dd_image, depthwise.typed_data(),
-                 dx->typed_data() + n * g.h * g.w * c);
-      ImageKernelGrad(g, forward, xi, dd_image, total_depthwise);
+      GatherTaps(g, input_index, dd_image, depthwise.typed_data(), normalise ? dz : dxi);
+      ImageKernelGrad(g, forward, input, dd_image, total_depthwise);
+      if (normalise) {
+        NormaliseReluGrad(g.h, g.w, c, xi, z, dz, prologue.typed_data(), dxi, row_sums,
+                          total_prologue);
+      }
     }
   });
-  std::vector<float> totals(depthwise_size + pointwise_size);
-  ReducePartials(partial, chunks, depthwise_size + pointwise_size, totals.data());
+  std::vector<float> totals(totals_size);
+  ReducePartials(partial, chunks, totals_size, totals.data());
   std::copy(totals.begin(), totals.begin() + depthwise_size, ddepthwise->typed_data());
-  std::copy(totals.begin() + depthwise_size, totals.end(), dpointwise->typed_data());
+  std::copy(totals.begin() + depthwise_size, totals.begin() + depthwise_size + pointwise_size,
+            dpointwise->typed_data());
+  std::copy(totals.begin() + depthwise_size + pointwise_size, totals.end(),
+            dprologue->typed_data());
   return ffi::Error::Success();
 }
 
@@ -1066,6 +1155,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(S9SeparableForward, SeparableForward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // prologue (3 or 0, c)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // depthwise (kh, kw, c)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // pointwise (c, f)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y
@@ -1075,10 +1165,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(S9SeparableBackward, SeparableBackward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // prologue
                                   .Arg<ffi::Buffer<ffi::F32>>()  // depthwise
                                   .Arg<ffi::Buffer<ffi::F32>>()  // pointwise
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dy
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dprologue (2 or 0, c)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ddepthwise
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dpointwise
                                   S9_CONV_ATTRS);
