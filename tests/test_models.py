@@ -21,7 +21,7 @@ def test_seed_has_the_reference_parameter_count():
 
 
 @pytest.mark.parametrize("name,params", [
-    ("base", 190_738), ("fast", 190_738), ("best", 190_738), ("tiny", 58_842)])
+    ("base", 190_738), ("fast", 190_738), ("best", 190_738), ("tiny", 59_706)])
 def test_s9net_parameter_count_is_pinned(name, params):
   assert param_count(load_config(name)) == params
 
@@ -112,7 +112,7 @@ def test_activation_follows_every_batchnorm(monkeypatch):
                              jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
   norms = [k for k in jax.tree_util.tree_flatten_with_path(variables["batch_stats"])[0]
            if k[0][-1].key == "mean"]
-  assert len(calls) == len(norms) == 14  # Stem, 3 downsamplings, 5 blocks of 2.
+  assert len(calls) == len(norms) == 16  # Stem, 3 downsamplings, 6 blocks of 2.
 
 
 def test_unknown_activation_is_a_clear_error():
@@ -167,4 +167,4 @@ def test_channel_attention_scales_each_channel_by_a_conv_over_pooled_channels():
 def test_eca_adds_its_taps_to_every_residual_block():
   config = load_config("tiny")
   config.model.eca_kernel = 3
-  assert param_count(config) == 58_842 + 5 * 3  # One block at 32x32, four in the stages.
+  assert param_count(config) == 59_706 + 6 * 3  # Two blocks at 32x32, four in the stages.
