@@ -59,19 +59,19 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
     if self.use_running_average:
-      shift, multiplier = ra_mean.value, lax.rsqrt(ra_var.value + self.epsilon) * scale
-      if as_prologue:
-        return shift, multiplier, bias
-      return ((x.astype(jnp.float32) - shift) * multiplier + bias).astype(self.dtype)
-    if as_prologue:
+      mean, var = ra_mean.value, ra_var.value
+    elif as_prologue:
       mean, var = ops.batch_moments(x, self.use_native)
     else:
       y, mean, var = ops.batch_norm_train(x, scale, bias, self.epsilon, self.use_native)
-    if not self.is_initializing():
+    if not self.use_running_average and not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-    if as_prologue:
-      return mean, lax.rsqrt(var + self.epsilon) * scale, bias
+    if self.use_running_average or as_prologue:
+      multiplier = lax.rsqrt(var + self.epsilon) * scale
+      if as_prologue:
+        return mean, multiplier, bias
+      y = (x.astype(jnp.float32) - mean) * multiplier + bias
     return y.astype(self.dtype)
 
 

@@ -224,9 +224,8 @@ def separable_backward(x, depthwise, pointwise, dy, strides, dilation, pads, pro
   output gradient and of its product with (x - shift), per channel."""
   normalise = prologue is not None
   prologue = prologue if normalise else _no_prologue(x)
-  out = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, depthwise, pointwise))
-  out = (out[0], jax.ShapeDtypeStruct((2 if normalise else 0, x.shape[-1]), jnp.float32),
-         *out[1:])
+  shapes = (x.shape, (2 if normalise else 0, x.shape[-1]), depthwise.shape, pointwise.shape)
+  out = tuple(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes)
   dx, sums, ddepthwise, dpointwise = jax.ffi.ffi_call("s9_separable_backward", out)(
       x, prologue, depthwise, pointwise, dy, **_conv_attrs(strides, dilation, pads))
   return (dx, ddepthwise, dpointwise, sums) if normalise else (dx, ddepthwise, dpointwise)

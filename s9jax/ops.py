@@ -237,18 +237,28 @@ def separable(x, depthwise, pointwise, strides, dilation, pads):
   return _separable_fwd(x, depthwise, pointwise, strides, dilation, pads)[0]
 
 
-def _separable_fwd(x, depthwise, pointwise, strides, dilation, pads):
+def _separable_forward(x, depthwise, pointwise, strides, dilation, pads, prologue=None):
+  """native.separable_forward on the HWIO kernels."""
   out_hw = _out_hw(x.shape[1:3], depthwise.shape[:2], strides, dilation, pads)
-  y = native.separable_forward(x, depthwise[:, :, 0, :], pointwise[0, 0], out_hw, strides,
-                               dilation, pads)
+  return native.separable_forward(x, depthwise[:, :, 0, :], pointwise[0, 0], out_hw, strides,
+                                  dilation, pads, prologue)
+
+
+def _separable_backward(x, depthwise, pointwise, dy, strides, dilation, pads, prologue=None):
+  """native.separable_backward on the HWIO kernels: their gradients in HWIO too."""
+  dx, ddepthwise, dpointwise, *sums = native.separable_backward(
+      x, depthwise[:, :, 0, :], pointwise[0, 0], dy, strides, dilation, pads, prologue)
+  return (dx, ddepthwise.reshape(depthwise.shape), dpointwise.reshape(pointwise.shape),
+          *sums)
+
+
+def _separable_fwd(x, depthwise, pointwise, strides, dilation, pads):
+  y = _separable_forward(x, depthwise, pointwise, strides, dilation, pads)
   return y, (x, depthwise, pointwise)
 
 
 def _separable_bwd(strides, dilation, pads, residuals, dy):
-  x, depthwise, pointwise = residuals
-  dx, ddepthwise, dpointwise = native.separable_backward(
-      x, depthwise[:, :, 0, :], pointwise[0, 0], dy, strides, dilation, pads)
-  return dx, ddepthwise.reshape(depthwise.shape), dpointwise.reshape(pointwise.shape)
+  return _separable_backward(*residuals, dy, strides, dilation, pads)
 
 
 separable.defvjp(_separable_fwd, _separable_bwd)
@@ -268,20 +278,17 @@ def separable_of_normalised(x, shift, scale, bias, depthwise, pointwise, strides
 def _separable_of_normalised_fwd(x, shift, scale, bias, depthwise, pointwise, strides,
                                  dilation, pads):
   prologue = jnp.stack([shift, scale, bias])
-  out_hw = _out_hw(x.shape[1:3], depthwise.shape[:2], strides, dilation, pads)
-  y = native.separable_forward(x, depthwise[:, :, 0, :], pointwise[0, 0], out_hw, strides,
-                               dilation, pads, prologue)
+  y = _separable_forward(x, depthwise, pointwise, strides, dilation, pads, prologue)
   return y, (x, prologue, depthwise, pointwise)
 
 
 def _separable_of_normalised_bwd(strides, dilation, pads, residuals, dy):
   x, prologue, depthwise, pointwise = residuals
-  dx, ddepthwise, dpointwise, sums = native.separable_backward(
-      x, depthwise[:, :, 0, :], pointwise[0, 0], dy, strides, dilation, pads, prologue)
+  dx, ddepthwise, dpointwise, sums = _separable_backward(
+      x, depthwise, pointwise, dy, strides, dilation, pads, prologue)
   # sums: the ReLU's input gradient g summed, and g * (x - shift) summed, per channel.
   dshift = -prologue[1] * sums[0]
-  return (dx, dshift, sums[1], sums[0], ddepthwise.reshape(depthwise.shape),
-          dpointwise.reshape(pointwise.shape))
+  return dx, dshift, sums[1], sums[0], ddepthwise, dpointwise
 
 
 separable_of_normalised.defvjp(_separable_of_normalised_fwd, _separable_of_normalised_bwd)
