@@ -60,13 +60,14 @@ class BatchNorm(nn.Module):
     ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
     if self.use_running_average:
       mean, var = ra_mean.value, ra_var.value
-    elif as_prologue:
-      mean, var = ops.batch_moments(x, self.use_native)
     else:
-      y, mean, var = ops.batch_norm_train(x, scale, bias, self.epsilon, self.use_native)
-    if not self.use_running_average and not self.is_initializing():
-      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+      if as_prologue:
+        mean, var = ops.batch_moments(x, self.use_native)
+      else:  # Statistics and normalisation in one op.
+        y, mean, var = ops.batch_norm_train(x, scale, bias, self.epsilon, self.use_native)
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
     if self.use_running_average or as_prologue:
       multiplier = lax.rsqrt(var + self.epsilon) * scale
       if as_prologue:
