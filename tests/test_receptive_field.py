@@ -63,7 +63,7 @@ def positive_variables(model, size: int):
       return np.zeros(leaf.shape, leaf.dtype)
     if path[-1].key == "var":
       return np.ones(leaf.shape, leaf.dtype)
-    fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 1
+    fan_in = np.prod(leaf.shape[:-1])  # 1 for a vector (scale, bias).
     return (rng.uniform(0.5, 1.0, leaf.shape) / fan_in).astype(leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
