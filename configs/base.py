@@ -64,7 +64,7 @@ def get_config(variant: str = ""):
   c.model.down_strides = (2, 2, 2)        # Each stage's first conv: stride,
   c.model.down_dilations = (2, 2, 2)      #   dilation (and padding, 'same').
   c.model.block_dilations = (1, 1, 1)
-  c.model.activation = "relu"             # After every BatchNorm: 'relu' or 'silu'.
+  c.model.activation = "relu"             # After every BatchNorm: 'relu', 'silu', 'hardswish'.
   c.model.residual_activation = "branch"  # A block's last activation: before its sum or
                                           #   after it ('sum', ResNet's form).
   c.model.eca_kernel = 0                  # Each block's branch scaled per channel by ECA

@@ -100,12 +100,14 @@ def test_unknown_dtype_is_a_clear_error():
     models.create_model(config.model)
 
 
-def test_activation_follows_every_batchnorm(monkeypatch):
+@pytest.mark.parametrize("activation", ["silu", "hardswish"])
+def test_activation_follows_every_batchnorm(monkeypatch, activation):
   config = load_config("tiny")
-  config.model.activation = "silu"
+  config.model.activation = activation
   calls = []
-  monkeypatch.setitem(models.ACTIVATIONS, "silu",
-                      lambda y: calls.append(y.shape) or jax.nn.silu(y))
+  chosen = models.ACTIVATIONS[activation]
+  monkeypatch.setitem(models.ACTIVATIONS, activation,
+                      lambda y: calls.append(y.shape) or chosen(y))
   monkeypatch.setitem(models.ACTIVATIONS, "relu", lambda y: pytest.fail("relu called"))
   model = models.create_model(config.model, conv_impl="lax")
   variables = jax.eval_shape(lambda x: model.init({"params": jax.random.PRNGKey(0)}, x),
@@ -113,6 +115,13 @@ def test_activation_follows_every_batchnorm(monkeypatch):
   norms = [k for k in jax.tree_util.tree_flatten_with_path(variables["batch_stats"])[0]
            if k[0][-1].key == "mean"]
   assert len(calls) == len(norms) == 16  # Stem, 3 downsamplings, 6 blocks of 2.
+
+
+def test_hardswish_is_mobilenet_v3s():
+  # x * relu6(x + 3) / 6: zero below -3, x above 3, x (x + 3) / 6 between.
+  x = jnp.array([-5.0, -3.0, -1.5, 0.0, 1.5, 3.0, 5.0])
+  expected = jnp.array([0.0, 0.0, -0.375, 0.0, 1.125, 3.0, 5.0])
+  np.testing.assert_allclose(models.ACTIVATIONS["hardswish"](x), expected, atol=1e-6)
 
 
 def test_unknown_activation_is_a_clear_error():
