@@ -25,8 +25,8 @@ NUM_CLASSES = 10
 # (Flax reduces in float32) and the logits stay float32.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # `S9Net`'s nonlinearity after each BatchNorm (`model.activation`). 'hardswish' is
-# MobileNetV3's x * relu6(x + 3) / 6, SiLU's shape without its exponential: SiLU's
-# exp made tiny.py's step ~0.8x ReLU's; hardswish's costs nothing measurable.
+# MobileNetV3's x * relu6(x + 3) / 6, SiLU's shape without its exponential, which ran
+# tiny.py's step at ~0.8x ReLU's; hardswish runs level with ReLU (docs/benchmarks.md).
 ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu, "hardswish": nn.hard_swish}
 # Where a residual block's last activation goes (`model.residual_activation`): 'branch',
 # on the branch before the sum (so the branch only ever adds, a form He et al. 2016's
