@@ -70,6 +70,9 @@ def get_config(variant: str = ""):
   c.model.eca_kernel = 0                  # Each block's branch scaled per channel by ECA
                                           #   (models.ChannelAttention), a 1-D conv of this
                                           #   many taps over its pooled channels; 0: off.
+  c.model.zero_init_residual = False      # Each block's last BatchNorm scale starts at 0:
+                                          #   the block starts as the identity (Goyal et
+                                          #   al. 2017's "zero gamma").
   c.model.dropout = 0.0                   # Before the classifier.
 
   c.num_devices = 0                       # Data parallel over this many devices; 0: all.

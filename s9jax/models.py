@@ -50,13 +50,14 @@ class BatchNorm(nn.Module):
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
   use_native: bool = False  # The C++ per-channel sums (ops.resolve's 'native').
+  scale_init: Any = nn.initializers.ones
 
   @nn.compact
   def __call__(self, x, as_prologue: bool = False):
     """The normalised x; with `as_prologue`, the (shift, scale, bias) that normalise it as
     scale * (x - shift) + bias, for the next op to apply (`ops.separable_of_normalised`)."""
     features = (x.shape[-1],)
-    scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
+    scale = self.param("scale", self.scale_init, features, jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
@@ -232,12 +233,15 @@ class ChannelAttention(nn.Module):
 
 class ResidualSeparable(nn.Module):
   """x + (sep-conv -> BN -> activation) twice, the work-horse block of `S9Net`; with
-  `residual_activation='sum'` the second activation follows the sum instead, and with
-  `eca_kernel` the branch passes `ChannelAttention` before the sum."""
+  `residual_activation='sum'` the second activation follows the sum instead, with
+  `eca_kernel` the branch passes `ChannelAttention` before the sum, and with
+  `zero_init_residual` the branch's last BatchNorm scales start at 0, so the block starts
+  as the identity (Goyal et al. 2017; its input is an activation's output, >= 0 with ReLU)."""
   dilation: int = 1
   activation: str = "relu"
   residual_activation: str = "branch"
   eca_kernel: int = 0
+  zero_init_residual: bool = False
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
 
@@ -254,7 +258,9 @@ class ResidualSeparable(nn.Module):
       y = second(y, prologue=norm(y, as_prologue=True))
     else:
       y = second(batch_norm_activation(self, y, train))
-    y = norm_factory(self.conv_impl, self.dtype)(use_running_average=not train)(y)
+    scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+    y = norm_factory(self.conv_impl, self.dtype)(use_running_average=not train,
+                                                 scale_init=scale_init)(y)
     if self.residual_activation == "branch":
       y = ACTIVATIONS[self.activation](y)
     if self.eca_kernel:
@@ -292,6 +298,7 @@ class S9Net(nn.Module):
   activation: str = "relu"
   residual_activation: str = "branch"
   eca_kernel: int = 0
+  zero_init_residual: bool = False
   dropout: float = 0.0
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
@@ -306,8 +313,9 @@ class S9Net(nn.Module):
     for _ in range(self.stem_depth):
       x = ResidualSeparable(activation=self.activation,
                             residual_activation=self.residual_activation,
-                            eca_kernel=self.eca_kernel, conv_impl=self.conv_impl,
-                            dtype=self.dtype)(x, train)
+                            eca_kernel=self.eca_kernel,
+                            zero_init_residual=self.zero_init_residual,
+                            conv_impl=self.conv_impl, dtype=self.dtype)(x, train)
     for width, depth, separable, stride, down_dilation, dilation in zip(
         self.widths, self.depths, self.separable_down, self.down_strides,
         self.down_dilations, self.block_dilations):
@@ -321,8 +329,9 @@ class S9Net(nn.Module):
       for _ in range(depth):
         x = ResidualSeparable(dilation=dilation, activation=self.activation,
                               residual_activation=self.residual_activation,
-                              eca_kernel=self.eca_kernel, conv_impl=self.conv_impl,
-                              dtype=self.dtype)(x, train)
+                              eca_kernel=self.eca_kernel,
+                              zero_init_residual=self.zero_init_residual,
+                              conv_impl=self.conv_impl, dtype=self.dtype)(x, train)
     x = global_average_pool(self, x)
     x = dropout_factory(self.conv_impl)(self.dropout, deterministic=not train)(x)
     conv_out = nn.Conv(NUM_CLASSES, (1, 1), dtype=self.dtype,
@@ -362,6 +371,7 @@ def create_model(model_config, conv_impl: str | None = None) -> nn.Module:
                  activation=model_config.activation,
                  residual_activation=model_config.residual_activation,
                  eca_kernel=model_config.eca_kernel,
+                 zero_init_residual=model_config.zero_init_residual,
                  dropout=model_config.dropout,
                  conv_impl=impl, dtype=dtype)
   raise ValueError(f"unknown model.name {model_config.name!r}: expected 'seed' or 's9net'")

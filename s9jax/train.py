@@ -532,7 +532,8 @@ ADDED_KEYS = {"eval_translate_weight": 0.5, "augment.alternate_flip": False,
               "bn_bias_lr_scale": 1.0, "bn_scale_frozen": False, "whiten_stem": False,
               "lookahead_every": 0, "muon_learning_rate": 0.08, "muon_momentum": 0.6,
               "model.stem_depth": 0, "model.activation": "relu",
-              "model.residual_activation": "branch", "model.eca_kernel": 0}
+              "model.residual_activation": "branch", "model.eca_kernel": 0,
+              "model.zero_init_residual": False}
 
 
 def with_added_keys(saved: dict) -> dict:

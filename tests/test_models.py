@@ -7,6 +7,9 @@ import pytest
 
 from s9jax import models
 from tests.conftest import load_config
+from tests.test_ops import native_kernels  # noqa: F401  The `native` marker's fixture.
+
+NATIVE = pytest.mark.native
 
 
 def param_count(config) -> int:
@@ -149,6 +152,39 @@ def test_residual_activation_follows_the_sum_or_the_branch(impl):
   # With x < 0 everywhere: where the branch's BatchNorm output y is positive both are
   # x + y, rectified after the sum; where it is not, 'branch' gives x and 'sum' 0.
   np.testing.assert_allclose(summed, jax.nn.relu(branch), atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["lax", "fast", pytest.param("native", marks=NATIVE)])
+@pytest.mark.parametrize("form", models.RESIDUAL_ACTIVATIONS)
+def test_zero_init_residual_starts_each_block_as_the_identity(impl, form):
+  # A block's input is a ReLU's output, so non-negative; in training mode (batch
+  # statistics), as at the first step.
+  x = jnp.abs(jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 16)))
+  for zero_init in (True, False):
+    block = models.ResidualSeparable(residual_activation=form, zero_init_residual=zero_init,
+                                     conv_impl=impl)
+    variables = block.init({"params": jax.random.PRNGKey(1)}, x, train=True)
+    y, _ = block.apply(variables, x, train=True, mutable=["batch_stats"])
+    scales = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(
+        variables["params"])[0] if path[-1].key == "scale"]
+    assert len(scales) == 2 and np.all(np.asarray(scales[0]) == 1)  # The middle one.
+    if zero_init:
+      assert np.all(np.asarray(scales[1]) == 0)
+      np.testing.assert_allclose(y, x, atol=1e-6)
+    else:
+      assert np.abs(np.asarray(y) - np.asarray(x)).max() > 0.1
+
+
+def test_zero_init_residual_reaches_every_block_of_the_network():
+  config = load_config("tiny")
+  config.model.zero_init_residual = True
+  model = models.create_model(config.model, conv_impl="lax")
+  params = model.init({"params": jax.random.PRNGKey(0)},
+                      jnp.zeros((1, 32, 32, 3)))["params"]
+  zeroed = [path for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+            if path[-1].key == "scale" and np.all(np.asarray(leaf) == 0)]
+  assert len(zeroed) == 6  # Two blocks at 32x32, four in the stages: one BatchNorm each.
+  assert param_count(config) == 59_706
 
 
 @pytest.mark.parametrize("key,value,message", [
