@@ -102,9 +102,15 @@ def compile_command(compiler: str, output) -> list[str]:
 
 def library_path(compiler: str) -> pathlib.Path:
   """Where build() caches the library: keyed by the source, the whole command line (the
-  compiler, the flags it takes, jax's FFI headers), jax's version and this CPU."""
+  compiler, the flags it takes), jax's FFI headers, jax's version and this CPU. The
+  headers by their contents, not the -I path to them: each new virtual environment
+  (every CI run makes one) would otherwise rebuild the same library (~33 s)."""
+  include = f"-I{jax.ffi.include_dir()}"
+  command = [arg for arg in compile_command(compiler, "") if arg != include]
+  headers = sorted(pathlib.Path(jax.ffi.include_dir()).rglob("*.h"))
   key = hashlib.sha256("\0".join([
-      SOURCE.read_text(), *compile_command(compiler, ""), jax.__version__, _cpu_signature(),
+      SOURCE.read_text(), *command, *(h.read_text() for h in headers), jax.__version__,
+      _cpu_signature(),
   ]).encode()).hexdigest()[:16]
   return cache_dir() / f"s9jax_kernels_{key}.so"
 

@@ -253,6 +253,21 @@ def test_native_tuning_only_where_the_compiler_takes_it(tmp_path, monkeypatch, r
   assert native.library_path(compiler) != library
 
 
+def test_library_is_keyed_by_the_headers_contents_not_their_path(tmp_path, monkeypatch):
+  # Every new virtual environment has its own jaxlib/include: the same headers must not
+  # build a second library, other headers must.
+  compiler = fake_compiler(tmp_path, ())
+  library = native.library_path(compiler)
+  copy = tmp_path / "venv2" / "include"
+  shutil.copytree(jax.ffi.include_dir(), copy)
+  monkeypatch.setattr(jax.ffi, "include_dir", lambda: str(copy))
+  assert f"-I{copy}" in native.compile_command(compiler, "")
+  assert native.library_path(compiler) == library
+  header = next(copy.rglob("ffi.h"))
+  header.write_text(header.read_text() + "\n// another jaxlib\n")
+  assert native.library_path(compiler) != library
+
+
 def test_host_gcc_on_x86_64_tunes_with_march_native():
   compiler = shutil.which("g++")
   if compiler is None or platform.machine() != "x86_64":
