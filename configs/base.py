@@ -103,6 +103,10 @@ def get_config(variant: str = ""):
   c.eval_flip = True                      # average the logits with the mirror's,
   c.eval_translate = 0                    # and with 2 shifts by this many pixels (0: off),
   c.eval_translate_weight = 0.5           # which weigh this much together (airbench's 0.5).
+  c.bn_recalibrate = False                # After the last epoch, BatchNorm's running statistics
+                                          #   recomputed over the un-augmented training images
+                                          #   (whole batches in training mode, pooled), for
+                                          #   the last validation, the test and the checkpoint.
   c.progressive_size = 0                  # Progressive resizing: the first
   c.progressive_epochs = 0                #   progressive_epochs train on batches resized to
                                           #   progressive_size pixels (after augmentation, on

@@ -79,14 +79,21 @@ class BatchNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+# Each training step keeps this share of every BatchNorm's running averages and moves
+# them 1 - it towards the batch's statistics (train.recalibrate_batch_stats reads a
+# batch's statistics back from one such update of zeros).
+BATCH_NORM_MOMENTUM = 0.9
+
+
 def norm_factory(conv_impl: str, dtype=jnp.float32):
-  """BatchNorm (momentum 0.9, epsilon 1e-5): Flax's own with the canonical 'lax' ops,
-  the CPU-fast one with the 'fast' and 'native' ones."""
+  """BatchNorm (momentum BATCH_NORM_MOMENTUM, epsilon 1e-5): Flax's own with the
+  canonical 'lax' ops, the CPU-fast one with the 'fast' and 'native' ones."""
   impl = ops.resolve(conv_impl)
   if impl == "lax":
-    return functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5, dtype=dtype)
-  return functools.partial(BatchNorm, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                           use_native=impl == "native")
+    return functools.partial(nn.BatchNorm, momentum=BATCH_NORM_MOMENTUM, epsilon=1e-5,
+                             dtype=dtype)
+  return functools.partial(BatchNorm, momentum=BATCH_NORM_MOMENTUM, epsilon=1e-5,
+                           dtype=dtype, use_native=impl == "native")
 
 
 class Dropout(nn.Module):

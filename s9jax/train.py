@@ -424,6 +424,55 @@ def evaluate_test_set(config, state, images, labels, mesh=None):
                   config.eval_translate, translate_weight=config.eval_translate_weight)
 
 
+@jax.jit
+def _batch_statistics(state: TrainState, batch):
+  """Every BatchNorm's (mean, var) of one batch in training mode (normalised by its own
+  statistics all the way through, as in a train step): read back from the running
+  averages' update of zeros, (1 - momentum) x the batch's."""
+  zeros = jax.tree.map(jnp.zeros_like, state.batch_stats)
+  _, updates = state.apply_fn({"params": state.params, "batch_stats": zeros}, batch, train=True,
+                              mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})
+  return jax.tree.map(lambda v: v / (1 - models.BATCH_NORM_MOMENTUM), updates["batch_stats"])
+
+
+def recalibrate_batch_stats(state: TrainState, images, batch_size: int, normalize,
+                            mesh=None) -> TrainState:
+  """`state` with BatchNorm's running statistics replaced by their values over `images`
+  (uint8, un-augmented, the same on every host), in whole batches of `batch_size`: each
+  batch's statistics as a train step computes them, pooled (the mean of the batch means;
+  the mean of the batch variances plus the variance of the batch means). Why: the
+  running averages follow the last ~10 batches of augmented images (momentum 0.9), and
+  evaluation sees clean ones (`bn_recalibrate`, docs/benchmarks.md)."""
+  mesh = mesh or make_mesh(1)
+  means = squares = None
+  count = len(images) // batch_size
+  for start in range(0, count * batch_size, batch_size):
+    batch = shard_batch({"image": host_rows(normalize(images[start:start + batch_size]))},
+                        mesh)["image"]
+    stats = jax.tree.map(lambda v: np.asarray(v, np.float64),
+                         jax.device_get(_batch_statistics(state, batch)))
+    mean = {path: leaf["mean"] for path, leaf in _norm_layers(stats)}
+    square = {path: leaf["var"] + leaf["mean"] ** 2 for path, leaf in _norm_layers(stats)}
+    means = mean if means is None else {k: means[k] + v for k, v in mean.items()}
+    squares = square if squares is None else {k: squares[k] + v for k, v in square.items()}
+  pooled = {k: {"mean": means[k] / count,
+                "var": np.maximum(squares[k] / count - (means[k] / count) ** 2, 0.0)}
+            for k in means}
+  batch_stats = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: jnp.asarray(pooled[path[:-1]][path[-1].key], leaf.dtype),
+      state.batch_stats)
+  return state.replace(batch_stats=jax.device_put(batch_stats, replicated(mesh)))
+
+
+def _norm_layers(batch_stats):
+  """(path, {'mean', 'var'}) of each BatchNorm in a batch_stats tree."""
+  leaves = jax.tree_util.tree_flatten_with_path(batch_stats)[0]
+  layers = {}
+  for path, leaf in leaves:
+    layers.setdefault(path[:-1], {})[path[-1].key] = leaf
+  return layers.items()
+
+
 # ------------------------------------------------------------------ checkpoints, files
 
 BEST_METRIC = "val_accuracy"  # Never the test set's: it is read once, at the end.
@@ -533,7 +582,7 @@ ADDED_KEYS = {"eval_translate_weight": 0.5, "augment.alternate_flip": False,
               "lookahead_every": 0, "muon_learning_rate": 0.08, "muon_momentum": 0.6,
               "model.stem_depth": 0, "model.activation": "relu",
               "model.residual_activation": "branch", "model.eca_kernel": 0,
-              "model.zero_init_residual": False}
+              "model.zero_init_residual": False, "bn_recalibrate": False}
 
 
 def with_added_keys(saved: dict) -> dict:
@@ -834,6 +883,9 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
     # float32 throughout, so a mean over steps carried through a resume is bit-identical.
     train_metrics = {k: float(np.mean(np.asarray([m[k] for m in step_metrics], np.float32)))
                      for k in ("loss", "accuracy")}
+    if epoch == config.num_epochs and config.bn_recalibrate:
+      # Before the last validation and the test: both, and the final checkpoint, see them.
+      state = recalibrate_batch_stats(state, train_images, config.batch_size, normalize, mesh)
     # Validation every epoch, without test-time augmentation (cheap); it alone picks the
     # best checkpoint. The test set is read once, after the last epoch, as the config asks.
     val_metrics = {}

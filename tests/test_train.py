@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from s9jax import input_pipeline, train
+from s9jax import inference, input_pipeline, train
 from tests.conftest import ROOT, load_config, tiny_config
 
 
@@ -200,6 +200,55 @@ def test_lookahead_pulls_slow_weights_every_n_steps_and_ends_on_them(tiny_archiv
   for a, b in zip(leaves(state.params), at_sync):
     np.testing.assert_array_equal(a, b)
   assert not np.array_equal(leaves(plain.params)[0], at_sync[0])
+
+
+def test_recalibrated_batch_stats_are_the_population_statistics(tiny_archive, tmp_path):
+  config = tiny_config(tiny_archive, tmp_path)
+  state = tiny_state(config)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (53, 32, 32, 3)).astype(np.uint8)
+  images = (images // (1 + np.arange(53) // 10)[:, None, None, None]).astype(np.uint8)
+  normalize = functools.partial(input_pipeline.normalize_batch, mean=[0.5] * 3, std=[0.25] * 3)
+  new = train.recalibrate_batch_stats(state, images, 10, normalize)
+  # The stem's BatchNorm normalises the stem conv's output: its statistics are that
+  # output's over the 50 images of the 5 whole batches (the 3 left over are not read),
+  # although each batch is darker than the one before, so their means differ.
+  outputs = jax.lax.conv_general_dilated(
+      normalize(images[:50]), state.params["Conv_0"]["kernel"], (1, 1), ((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  outputs = np.asarray(outputs, np.float64)
+  stem = new.batch_stats["BatchNorm_0"]
+  np.testing.assert_allclose(stem["mean"], outputs.mean((0, 1, 2)), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(stem["var"], outputs.var((0, 1, 2)), rtol=1e-4, atol=1e-5)
+  within = np.mean([outputs[i:i + 10].var((0, 1, 2)) for i in range(0, 50, 10)], axis=0)
+  assert np.all(outputs.var((0, 1, 2)) > 1.05 * within)  # The batch means' spread counts.
+  for old, recalibrated in zip(jax.tree.leaves(state.batch_stats), jax.tree.leaves(new.batch_stats)):
+    assert np.all(np.asarray(old) != np.asarray(recalibrated))  # Every layer, from init.
+  assert new.params is state.params and new.step == state.step
+
+
+def test_bn_recalibrate_runs_once_before_the_last_validation(tiny_archive, tmp_path, monkeypatch):
+  config = tiny_config(tiny_archive, tmp_path / "tfds", num_epochs=2, bn_recalibrate=True,
+                       plots=False, **{"data.validation_size": 10})
+  calls, recalibrate = [], train.recalibrate_batch_stats
+
+  def recorded(state, images, *args):
+    calls.append((int(state.step), len(images)))
+    result = recalibrate(state, images, *args)
+    calls.append(jax.device_get(result.batch_stats))
+    return result
+
+  monkeypatch.setattr(train, "recalibrate_batch_stats", recorded)
+  records = train.train_and_evaluate(config, tmp_path / "run")
+  assert len(calls) == 2 and calls[0] == (records[-1]["step"], 20)  # After the last step.
+  _, state, mean, std, _ = inference.restore(tmp_path / "run", "final")
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.batch_stats), calls[1])
+  # The last validation read them: evaluated again from the checkpoint, the same figures.
+  images, labels = input_pipeline.load_split(config.data, "train")
+  (_, _), (val_images, val_labels) = input_pipeline.split_validation(images, labels, 10)
+  again, _ = train.evaluate(state, input_pipeline.normalize_batch(val_images, mean, std),
+                            val_labels, config.eval_batch_size, flip=False, split="val")
+  assert again["val_loss"] == pytest.approx(records[-1]["val_loss"], rel=1e-5)
 
 
 def test_checkpoint_round_trip_gives_identical_params_and_eval(tiny_archive, tmp_path):
