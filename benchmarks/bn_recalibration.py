@@ -15,7 +15,6 @@ is never read. One line per workdir, then the mean of each column over them.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import pathlib
 import sys
@@ -23,7 +22,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from s9jax import host_memory, inference, input_pipeline, train  # noqa: E402
+from benchmarks.tta_variants import print_table, restore_with_validation_split  # noqa: E402
+from s9jax import input_pipeline, train  # noqa: E402
 
 # (name, how many training images (0: all), augmented).
 VARIANTS = (("clean", 0, False), ("clean 10k", 10_000, False), ("augmented", 0, True))
@@ -31,13 +31,8 @@ VARIANTS = (("clean", 0, False), ("clean 10k", 10_000, False), ("augmented", 0, 
 
 def validation_accuracies(workdir) -> list[float]:
   """The running statistics' accuracy on `workdir`'s validation split, then each variant's."""
-  held_out = inference.load_config(workdir).data.validation_size
-  if not held_out:  # Checked before restoring anything.
-    sys.exit(f"error: {workdir} trained without a validation split "
-             "(data.validation_size 0); this tool never reads the test set")
-  config, state, mean, std, _ = inference.restore(workdir, "final")
-  (train_images, _), (images, labels) = input_pipeline.split_validation(
-      *input_pipeline.load_split(config.data, "train"), held_out)
+  config, state, mean, std, (train_images, _), (images, labels) = (
+      restore_with_validation_split(workdir))
   normalize = functools.partial(input_pipeline.normalize_batch, mean=mean, std=std)
   inputs = normalize(images)
 
@@ -56,18 +51,5 @@ def validation_accuracies(workdir) -> list[float]:
   return accuracies
 
 
-def main():
-  host_memory.reuse_freed_memory()  # Before JAX starts its CPU client.
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("workdirs", nargs="+")
-  args = parser.parse_args()
-  print("run: running | " + " | ".join(name for name, *_ in VARIANTS))
-  table = []
-  for workdir in args.workdirs:
-    table.append(validation_accuracies(workdir))
-    print(f"{workdir}: " + " | ".join(f"{100 * a:.2f}" for a in table[-1]), flush=True)
-  print("mean: " + " | ".join(f"{100 * a:.2f}" for a in np.mean(table, axis=0)))
-
-
 if __name__ == "__main__":
-  main()
+  print_table(["running"] + [name for name, *_ in VARIANTS], validation_accuracies)

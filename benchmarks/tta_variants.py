@@ -28,15 +28,37 @@ VARIANTS = (("none", False, 0, 0.5), ("flip", True, 0, 0.5), ("flip+t1", True, 1
             ("flip+t2 w1/3", True, 2, 1 / 3), ("flip+t3", True, 3, 0.5))
 
 
-def validation_accuracies(workdir) -> list[float]:
-  """Each variant's accuracy on `workdir`'s validation split, final checkpoint."""
+def restore_with_validation_split(workdir):
+  """(config, state, mean, std, (train images, labels), (validation images, labels)) of
+  `workdir`'s final checkpoint; exits if it trained without a validation split."""
   held_out = inference.load_config(workdir).data.validation_size
   if not held_out:  # Checked before restoring anything.
     sys.exit(f"error: {workdir} trained without a validation split "
              "(data.validation_size 0); this tool never reads the test set")
   config, state, mean, std, _ = inference.restore(workdir, "final")
-  _, (images, labels) = input_pipeline.split_validation(
-      *input_pipeline.load_split(config.data, "train"), held_out)
+  return (config, state, mean, std, *input_pipeline.split_validation(
+      *input_pipeline.load_split(config.data, "train"), held_out))
+
+
+def print_table(columns: list[str], accuracies_of) -> None:
+  """The workdirs named on the command line, one line each of `accuracies_of(workdir)`
+  (one per column), then each column's mean."""
+  host_memory.reuse_freed_memory()  # Before JAX starts its CPU client.
+  summary = sys.modules["__main__"].__doc__.split("\n\n")[0]  # The calling script's.
+  parser = argparse.ArgumentParser(description=summary)
+  parser.add_argument("workdirs", nargs="+")
+  args = parser.parse_args()
+  print("run: " + " | ".join(columns))
+  table = []
+  for workdir in args.workdirs:
+    table.append(accuracies_of(workdir))
+    print(f"{workdir}: " + " | ".join(f"{100 * a:.2f}" for a in table[-1]), flush=True)
+  print("mean: " + " | ".join(f"{100 * a:.2f}" for a in np.mean(table, axis=0)))
+
+
+def validation_accuracies(workdir) -> list[float]:
+  """Each variant's accuracy on `workdir`'s validation split, final checkpoint."""
+  config, state, mean, std, _, (images, labels) = restore_with_validation_split(workdir)
   inputs = input_pipeline.normalize_batch(images, mean, std)
   # Each variant through training's own `evaluate`, so the figures are what a config
   # with it would score; views shared between variants are recomputed (~45 s a run).
@@ -46,16 +68,7 @@ def validation_accuracies(workdir) -> list[float]:
 
 
 def main():
-  host_memory.reuse_freed_memory()  # Before JAX starts its CPU client.
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("workdirs", nargs="+")
-  args = parser.parse_args()
-  print("run: " + " | ".join(name for name, *_ in VARIANTS))
-  table = []
-  for workdir in args.workdirs:
-    table.append(validation_accuracies(workdir))
-    print(f"{workdir}: " + " | ".join(f"{100 * a:.2f}" for a in table[-1]), flush=True)
-  print("mean: " + " | ".join(f"{100 * a:.2f}" for a in np.mean(table, axis=0)))
+  print_table([name for name, *_ in VARIANTS], validation_accuracies)
 
 
 if __name__ == "__main__":

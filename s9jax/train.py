@@ -424,15 +424,27 @@ def evaluate_test_set(config, state, images, labels, mesh=None):
                   config.eval_translate, translate_weight=config.eval_translate_weight)
 
 
+def _raw_moments(stats, back: bool = False):
+  """Each BatchNorm's {'mean', 'var'} in a batch_stats tree as {'mean', E[x^2]}, or with
+  `back` the reverse: raw moments are what average over batches."""
+  if set(stats) == {"mean", "var"}:
+    mean = stats["mean"]
+    if back:  # On the host, in float64; rounding must not make a variance negative.
+      return {"mean": mean, "var": np.maximum(stats["var"] - mean ** 2, 0.0)}
+    return {"mean": mean, "var": stats["var"] + mean ** 2}
+  return {name: _raw_moments(layer, back) for name, layer in stats.items()}
+
+
 @jax.jit
-def _batch_statistics(state: TrainState, batch):
-  """Every BatchNorm's (mean, var) of one batch in training mode (normalised by its own
-  statistics all the way through, as in a train step): read back from the running
-  averages' update of zeros, (1 - momentum) x the batch's."""
+def _batch_raw_moments(state: TrainState, batch):
+  """`_raw_moments` of every BatchNorm over one batch in training mode (normalised by its
+  own statistics all the way through, as in a train step), read back from the running
+  averages' update of zeros: (1 - momentum) x the batch's statistics."""
   zeros = jax.tree.map(jnp.zeros_like, state.batch_stats)
   _, updates = state.apply_fn({"params": state.params, "batch_stats": zeros}, batch, train=True,
                               mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})
-  return jax.tree.map(lambda v: v / (1 - models.BATCH_NORM_MOMENTUM), updates["batch_stats"])
+  return _raw_moments(jax.tree.map(lambda v: v / (1 - models.BATCH_NORM_MOMENTUM),
+                                   updates["batch_stats"]))
 
 
 def recalibrate_batch_stats(state: TrainState, images, batch_size: int, normalize,
@@ -444,33 +456,20 @@ def recalibrate_batch_stats(state: TrainState, images, batch_size: int, normaliz
   running averages follow the last ~10 batches of augmented images (momentum 0.9), and
   evaluation sees clean ones (`bn_recalibrate`, docs/benchmarks.md)."""
   mesh = mesh or make_mesh(1)
-  means = squares = None
   count = len(images) // batch_size
+  if not count:
+    raise ValueError(f"{len(images)} images make no whole batch of {batch_size}")
+  total = None
   for start in range(0, count * batch_size, batch_size):
     batch = shard_batch({"image": host_rows(normalize(images[start:start + batch_size]))},
                         mesh)["image"]
-    stats = jax.tree.map(lambda v: np.asarray(v, np.float64),
-                         jax.device_get(_batch_statistics(state, batch)))
-    mean = {path: leaf["mean"] for path, leaf in _norm_layers(stats)}
-    square = {path: leaf["var"] + leaf["mean"] ** 2 for path, leaf in _norm_layers(stats)}
-    means = mean if means is None else {k: means[k] + v for k, v in mean.items()}
-    squares = square if squares is None else {k: squares[k] + v for k, v in square.items()}
-  pooled = {k: {"mean": means[k] / count,
-                "var": np.maximum(squares[k] / count - (means[k] / count) ** 2, 0.0)}
-            for k in means}
-  batch_stats = jax.tree_util.tree_map_with_path(
-      lambda path, leaf: jnp.asarray(pooled[path[:-1]][path[-1].key], leaf.dtype),
-      state.batch_stats)
+    moments = jax.tree.map(lambda v: np.asarray(v, np.float64),  # Summed in float64.
+                           jax.device_get(_batch_raw_moments(state, batch)))
+    total = moments if total is None else jax.tree.map(np.add, total, moments)
+  pooled = _raw_moments(jax.tree.map(lambda v: v / count, total), back=True)
+  batch_stats = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), pooled,
+                             state.batch_stats)
   return state.replace(batch_stats=jax.device_put(batch_stats, replicated(mesh)))
-
-
-def _norm_layers(batch_stats):
-  """(path, {'mean', 'var'}) of each BatchNorm in a batch_stats tree."""
-  leaves = jax.tree_util.tree_flatten_with_path(batch_stats)[0]
-  layers = {}
-  for path, leaf in leaves:
-    layers.setdefault(path[:-1], {})[path[-1].key] = leaf
-  return layers.items()
 
 
 # ------------------------------------------------------------------ checkpoints, files

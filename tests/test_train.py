@@ -222,7 +222,8 @@ def test_recalibrated_batch_stats_are_the_population_statistics(tiny_archive, tm
   np.testing.assert_allclose(stem["var"], outputs.var((0, 1, 2)), rtol=1e-4, atol=1e-5)
   within = np.mean([outputs[i:i + 10].var((0, 1, 2)) for i in range(0, 50, 10)], axis=0)
   assert np.all(outputs.var((0, 1, 2)) > 1.05 * within)  # The batch means' spread counts.
-  for old, recalibrated in zip(jax.tree.leaves(state.batch_stats), jax.tree.leaves(new.batch_stats)):
+  for old, recalibrated in zip(jax.tree.leaves(state.batch_stats),
+                              jax.tree.leaves(new.batch_stats)):
     assert np.all(np.asarray(old) != np.asarray(recalibrated))  # Every layer, from init.
   assert new.params is state.params and new.step == state.step
 
