@@ -52,4 +52,4 @@ def validation_accuracies(workdir) -> list[float]:
 
 
 if __name__ == "__main__":
-  print_table(["running"] + [name for name, *_ in VARIANTS], validation_accuracies)
+  print_table(__doc__, ["running"] + [name for name, *_ in VARIANTS], validation_accuracies)

@@ -40,12 +40,11 @@ def restore_with_validation_split(workdir):
       *input_pipeline.load_split(config.data, "train"), held_out))
 
 
-def print_table(columns: list[str], accuracies_of) -> None:
-  """The workdirs named on the command line, one line each of `accuracies_of(workdir)`
-  (one per column), then each column's mean."""
+def print_table(doc: str, columns: list[str], accuracies_of) -> None:
+  """The workdirs named on the command line (a script with docstring `doc`), one line
+  each of `accuracies_of(workdir)` (one per column), then each column's mean."""
   host_memory.reuse_freed_memory()  # Before JAX starts its CPU client.
-  summary = sys.modules["__main__"].__doc__.split("\n\n")[0]  # The calling script's.
-  parser = argparse.ArgumentParser(description=summary)
+  parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
   parser.add_argument("workdirs", nargs="+")
   args = parser.parse_args()
   print("run: " + " | ".join(columns))
@@ -68,7 +67,7 @@ def validation_accuracies(workdir) -> list[float]:
 
 
 def main():
-  print_table([name for name, *_ in VARIANTS], validation_accuracies)
+  print_table(__doc__, [name for name, *_ in VARIANTS], validation_accuracies)
 
 
 if __name__ == "__main__":

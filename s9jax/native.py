@@ -105,9 +105,9 @@ def library_path(compiler: str) -> pathlib.Path:
   compiler, the flags it takes), jax's FFI headers, jax's version and this CPU. The
   headers by their contents, not the -I path to them: each new virtual environment
   (every CI run makes one) would otherwise rebuild the same library (~33 s)."""
-  include = f"-I{jax.ffi.include_dir()}"
-  command = [arg for arg in compile_command(compiler, "") if arg != include]
-  headers = sorted(pathlib.Path(jax.ffi.include_dir()).rglob("*.h"))
+  include_dir = jax.ffi.include_dir()
+  command = [arg for arg in compile_command(compiler, "") if arg != f"-I{include_dir}"]
+  headers = sorted(pathlib.Path(include_dir).rglob("*.h"))
   key = hashlib.sha256("\0".join([
       SOURCE.read_text(), *command, *(h.read_text() for h in headers), jax.__version__,
       _cpu_signature(),

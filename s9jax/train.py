@@ -461,7 +461,7 @@ def recalibrate_batch_stats(state: TrainState, images, batch_size: int, normaliz
     raise ValueError(f"{len(images)} images make no whole batch of {batch_size}")
   total = None
   for start in range(0, count * batch_size, batch_size):
-    batch = shard_batch({"image": host_rows(normalize(images[start:start + batch_size]))},
+    batch = shard_batch({"image": normalize(host_rows(images[start:start + batch_size]))},
                         mesh)["image"]
     moments = jax.tree.map(lambda v: np.asarray(v, np.float64),  # Summed in float64.
                            jax.device_get(_batch_raw_moments(state, batch)))

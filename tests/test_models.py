@@ -7,9 +7,7 @@ import pytest
 
 from s9jax import models
 from tests.conftest import load_config
-from tests.test_ops import native_kernels  # noqa: F401  The `native` marker's fixture.
-
-NATIVE = pytest.mark.native
+from tests.test_ops import NATIVE, native_kernels  # noqa: F401  The marker's fixture.
 
 
 def param_count(config) -> int:
