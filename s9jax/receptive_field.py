@@ -36,6 +36,7 @@ class Layer:
   params: int
   rf: int
   jump: int
+  macs: int  # Multiply-accumulates for one image: output pixels x kernel size.
 
 
 @dataclasses.dataclass
@@ -47,6 +48,13 @@ class Report:
   has_dilated: bool
   has_gap: bool
   has_max_pool: bool
+
+  @property
+  def total_macs(self) -> int:
+    """The convolutions' multiply-accumulates for one image's forward pass: what sets a
+    step's time on a CPU, where the parameter count does not (a parameter at 32x32 costs
+    64x one at 4x4)."""
+    return sum(l.macs for l in self.layers)
 
   def checks(self) -> dict[str, bool]:
     return {
@@ -66,15 +74,18 @@ class Report:
     return [name for name, ok in self.checks().items() if not ok]
 
   def format(self) -> str:
-    head = ("layer", "op", "k", "s", "d", "groups", "output", "params", "RF", "jump")
+    head = ("layer", "op", "k", "s", "d", "groups", "output", "params", "MACs", "RF", "jump")
     rows = [(l.name, l.op, str(l.kernel), str(l.stride), str(l.dilation), str(l.groups),
-             "x".join(map(str, l.out_shape[1:])), f"{l.params:,}", str(l.rf), str(l.jump))
+             "x".join(map(str, l.out_shape[1:])), f"{l.params:,}", f"{l.macs:,}", str(l.rf),
+             str(l.jump))
             for l in self.layers]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
     out = [line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
     out.append(f"total params {self.total_params:,} (all layers, BatchNorm included); "
                f"receptive field {self.rf}")
+    out.append(f"forward {self.total_macs:,} multiply-accumulates (MACs) per image in the "
+               "convolutions; a train step does ~3x")
     out += [f"  {'PASS' if ok else 'FAIL'}  {name}" for name, ok in self.checks().items()]
     return "\n".join(out)
 
@@ -144,9 +155,10 @@ class _Walker:
       self.has_separable = True
       op = "pointwise (separable)"
     name = self.conv_names.pop(0) if self.conv_names else f"conv{len(self.layers)}"
-    self.layers.append(Layer(name, op, kernel, stride, dilation, groups,
-                             tuple(eqn.outvars[0].aval.shape), int(np.prod(rhs)),
-                             out_rf, out_jump))
+    out_shape = tuple(eqn.outvars[0].aval.shape)
+    params = int(np.prod(rhs))  # HWIO, I already divided by the groups.
+    self.layers.append(Layer(name, op, kernel, stride, dilation, groups, out_shape, params,
+                             out_rf, out_jump, macs=out_shape[1] * out_shape[2] * params))
     if eqn.outvars[0].aval.shape[1] > 1 or eqn.outvars[0].aval.shape[2] > 1:
       self.final_rf = max(self.final_rf, out_rf)
     return (out_rf, out_jump, groups > 1 and groups == lhs[-1])

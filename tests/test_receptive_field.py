@@ -47,6 +47,17 @@ def test_residual_branch_takes_the_wider_path():
   assert report.rf == 5
 
 
+def test_multiply_accumulates_count_output_pixels_times_kernel_per_group():
+  # 8x8x3 in. DepthwiseThen: a 3x3 conv to 8 channels ('SAME', 8x8 out): 64 x 9 x 3 x 8;
+  # the 3x3 depthwise (8 groups of one channel): 64 x 9 x 1 x 8; the 1x1 to 16: 64 x 8 x 16.
+  report = receptive_field.analyse(DepthwiseThen(), (8, 8, 3))
+  assert [l.macs for l in report.layers] == [13_824, 4_608, 8_192]
+  # A stride-2 3x3 computes only its 4x4 outputs: the 1x1 stem 64 x 3 x 4, then 16 x 9 x 4 x 4.
+  report = receptive_field.analyse(Stack(((3, 2, 1),)), (8, 8, 3))
+  assert report.total_macs == 768 + 2_304
+  assert "forward 3,072 multiply-accumulates" in report.format()
+
+
 def positive_variables(model, size: int):
   """Variables of `model`'s shapes with every weight positive and about 1 / fan-in, so
   every ReLU is open and activations stay near 1; running statistics mean 0, variance 1.
