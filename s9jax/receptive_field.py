@@ -1,11 +1,13 @@
-"""Receptive field and the S9 constraint checks, derived from the model as built.
+"""Receptive field, multiply-accumulates and the S9 constraint checks, derived from the
+model as built.
 
 The model is traced to a jaxpr (its canonical `lax` form, eval mode) and the jaxpr is
 walked in data-flow order: every convolution adds (effective kernel - 1) x jump to the
 receptive field of its input, and multiplies the jump by its stride; every other op
 passes on the largest receptive field of its inputs (a residual add takes the wider
-branch). Nothing is typed beside the layers, so the numbers are those of the network
-that trains.
+branch). A convolution's multiply-accumulates are its output pixels times its kernel's
+size (input channels per group). Nothing is typed beside the layers, so the numbers are
+those of the network that trains.
 """
 
 from __future__ import annotations
@@ -156,7 +158,7 @@ class _Walker:
       op = "pointwise (separable)"
     name = self.conv_names.pop(0) if self.conv_names else f"conv{len(self.layers)}"
     out_shape = tuple(eqn.outvars[0].aval.shape)
-    params = int(np.prod(rhs))  # HWIO, I already divided by the groups.
+    params = int(np.prod(rhs))  # HWIO, I being the input channels per group.
     self.layers.append(Layer(name, op, kernel, stride, dilation, groups, out_shape, params,
                              out_rf, out_jump, macs=out_shape[1] * out_shape[2] * params))
     if eqn.outvars[0].aval.shape[1] > 1 or eqn.outvars[0].aval.shape[2] > 1:
