@@ -38,7 +38,11 @@ class Layer:
   params: int
   rf: int
   jump: int
-  macs: int  # Multiply-accumulates for one image: output pixels x kernel size.
+
+  @property
+  def macs(self) -> int:
+    """Multiply-accumulates for one image: output pixels x kernel size (`params`)."""
+    return self.out_shape[1] * self.out_shape[2] * self.params
 
 
 @dataclasses.dataclass
@@ -158,10 +162,10 @@ class _Walker:
       op = "pointwise (separable)"
     name = self.conv_names.pop(0) if self.conv_names else f"conv{len(self.layers)}"
     out_shape = tuple(eqn.outvars[0].aval.shape)
-    params = int(np.prod(rhs))  # HWIO, I being the input channels per group.
-    self.layers.append(Layer(name, op, kernel, stride, dilation, groups, out_shape, params,
-                             out_rf, out_jump, macs=out_shape[1] * out_shape[2] * params))
-    if eqn.outvars[0].aval.shape[1] > 1 or eqn.outvars[0].aval.shape[2] > 1:
+    # HWIO, I being the input channels per group: the kernel's size is its params.
+    self.layers.append(Layer(name, op, kernel, stride, dilation, groups, out_shape,
+                             int(np.prod(rhs)), out_rf, out_jump))
+    if out_shape[1] > 1 or out_shape[2] > 1:
       self.final_rf = max(self.final_rf, out_rf)
     return (out_rf, out_jump, groups > 1 and groups == lhs[-1])
 
