@@ -2,14 +2,14 @@
 two convs it replaces (the C++ depthwise kernel, then XLA's 1x1 matmul and its
 kernel-gradient dot), and the same op with the BatchNorm (training mode) and ReLU before
 it applied apart (`models.BatchNorm`'s op, XLA's ReLU) or as it reads its input
-(`ops.separable_of_normalised`, as in the middle of a residual block): median ms of the
-forward, and of forward and backward (all gradients), at the networks' shapes, batch 128,
-on this machine.
+(`ops.separable_of_normalised`, as in the middle of a residual block), and the fused op
+with its 1x1 in bfloat16 (`bf16=True`): median ms of the forward, and of forward and
+backward (all gradients), at the networks' shapes, batch 128, on this machine.
 
     python benchmarks/separable_conv.py [--calls 30]
 
 One line per shape: (N, H, W, C) -> F, stride s, dilation d, then `two convs`, `fused`,
-`norm apart` and `norm in op`, each forward ms / forward+backward ms. All jitted with the
+`norm apart`, `norm in op` and `fused bf16`, each forward ms / forward+backward ms. All jitted with the
 train step's compiler options (`ops.compiler_options`).
 """
 
@@ -50,6 +50,11 @@ def fused(x, depthwise, pointwise, stride, dilation):
                        ((dilation, dilation),) * 2)
 
 
+def fused_bf16(x, depthwise, pointwise, stride, dilation):
+  return ops.separable(x, depthwise, pointwise, (stride, stride), (dilation, dilation),
+                       ((dilation, dilation),) * 2, bf16=True)
+
+
 def norm_apart(x, depthwise, pointwise, scale, bias, stride, dilation):
   y, _, _ = ops.batch_norm_train(x, scale, bias, EPSILON, True)
   return fused(jax.nn.relu(y), depthwise, pointwise, stride, dilation)
@@ -75,7 +80,8 @@ def main():
     for name, op, operands in (("two convs", two_convs, (x, depthwise, pointwise)),
                                ("fused", fused, (x, depthwise, pointwise)),
                                ("norm apart", norm_apart, (x, depthwise, pointwise, scale, bias)),
-                               ("norm in op", norm_in_op, (x, depthwise, pointwise, scale, bias))):
+                               ("norm in op", norm_in_op, (x, depthwise, pointwise, scale, bias)),
+                               ("fused bf16", fused_bf16, (x, depthwise, pointwise))):
       forward = functools.partial(op, stride=stride, dilation=dilation)
       dy = np.ones(jax.eval_shape(forward, *operands).shape, np.float32)
       both = jit(lambda dy, *operands, f=forward: jax.vjp(f, *operands)[1](dy))

@@ -132,13 +132,16 @@ class ConvKernel(nn.Module):
 class SeparableConv(nn.Module):
   """Depthwise-separable conv: a 3x3 conv with one group per input channel, then a 1x1.
   Two `nn.Conv`s, except with the C++ kernels in float32, where one op computes both
-  (`ops.separable`) from the same two parameters."""
+  (`ops.separable`) from the same two parameters. `pointwise_bf16`: the 1x1 on bfloat16
+  operands with float32 sums (the C++ op's `bf16`; on other paths a bfloat16 `nn.Conv`,
+  whose output is rounded to bfloat16 too)."""
   features: int
   strides: int = 1
   dilation: int = 1
   padding: int | None = None  # None: 'same' for the dilation.
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
+  pointwise_bf16: bool = False
 
   @nn.nowrap
   def fuses_prologue(self) -> bool:
@@ -158,8 +161,9 @@ class SeparableConv(nn.Module):
       geometry = ((self.strides,) * 2, (self.dilation,) * 2, ((pad, pad),) * 2)
       if prologue is not None:
         return ops.separable_of_normalised(x.astype(jnp.float32), *prologue, depthwise,
-                                           pointwise, *geometry)
-      return ops.separable(x.astype(jnp.float32), depthwise, pointwise, *geometry)
+                                           pointwise, *geometry, self.pointwise_bf16)
+      return ops.separable(x.astype(jnp.float32), depthwise, pointwise, *geometry,
+                           self.pointwise_bf16)
     if prologue is not None:
       shift, scale, bias = prologue
       x = nn.relu((x.astype(jnp.float32) - shift) * scale + bias).astype(self.dtype)
@@ -167,6 +171,9 @@ class SeparableConv(nn.Module):
     x = conv(channels, (3, 3), strides=self.strides, padding=pad,
              kernel_dilation=self.dilation, feature_group_count=channels,
              name="depthwise")(x)
+    if self.pointwise_bf16:
+      pointwise = conv_factory(self.conv_impl, jnp.bfloat16)
+      return pointwise(self.features, (1, 1), name="pointwise")(x).astype(self.dtype)
     return conv(self.features, (1, 1), name="pointwise")(x)
 
 
@@ -251,13 +258,14 @@ class ResidualSeparable(nn.Module):
   zero_init_residual: bool = False
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
+  pointwise_bf16: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     y = SeparableConv(x.shape[-1], dilation=self.dilation, conv_impl=self.conv_impl,
-                      dtype=self.dtype)(x)
+                      dtype=self.dtype, pointwise_bf16=self.pointwise_bf16)(x)
     second = SeparableConv(x.shape[-1], dilation=self.dilation, conv_impl=self.conv_impl,
-                           dtype=self.dtype)
+                           dtype=self.dtype, pointwise_bf16=self.pointwise_bf16)
     if second.fuses_prologue() and self.activation == "relu":
       # The middle BatchNorm and ReLU, applied by the second conv as it reads y: their
       # output is never written, nor its gradient (the same parameters and maths).
@@ -309,6 +317,7 @@ class S9Net(nn.Module):
   dropout: float = 0.0
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
+  pointwise_bf16: bool = False  # The separable convs' 1x1s on bfloat16 operands.
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -322,13 +331,15 @@ class S9Net(nn.Module):
                             residual_activation=self.residual_activation,
                             eca_kernel=self.eca_kernel,
                             zero_init_residual=self.zero_init_residual,
-                            conv_impl=self.conv_impl, dtype=self.dtype)(x, train)
+                            conv_impl=self.conv_impl, dtype=self.dtype,
+                            pointwise_bf16=self.pointwise_bf16)(x, train)
     for width, depth, separable, stride, down_dilation, dilation in zip(
         self.widths, self.depths, self.separable_down, self.down_strides,
         self.down_dilations, self.block_dilations):
       if separable:
         x = SeparableConv(width, strides=stride, dilation=down_dilation,
-                          conv_impl=self.conv_impl, dtype=self.dtype)(x)
+                          conv_impl=self.conv_impl, dtype=self.dtype,
+                          pointwise_bf16=self.pointwise_bf16)(x)
       else:
         x = conv(width, (3, 3), strides=stride, padding=down_dilation,
                  kernel_dilation=down_dilation)(x)
@@ -338,7 +349,8 @@ class S9Net(nn.Module):
                               residual_activation=self.residual_activation,
                               eca_kernel=self.eca_kernel,
                               zero_init_residual=self.zero_init_residual,
-                              conv_impl=self.conv_impl, dtype=self.dtype)(x, train)
+                              conv_impl=self.conv_impl, dtype=self.dtype,
+                              pointwise_bf16=self.pointwise_bf16)(x, train)
     x = global_average_pool(self, x)
     x = dropout_factory(self.conv_impl)(self.dropout, deterministic=not train)(x)
     conv_out = nn.Conv(NUM_CLASSES, (1, 1), dtype=self.dtype,
@@ -380,5 +392,6 @@ def create_model(model_config, conv_impl: str | None = None) -> nn.Module:
                  eca_kernel=model_config.eca_kernel,
                  zero_init_residual=model_config.zero_init_residual,
                  dropout=model_config.dropout,
+                 pointwise_bf16=model_config.pointwise_bf16,
                  conv_impl=impl, dtype=dtype)
   raise ValueError(f"unknown model.name {model_config.name!r}: expected 'seed' or 's9net'")

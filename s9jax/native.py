@@ -213,27 +213,33 @@ def _no_prologue(x):
   return jnp.zeros((0, x.shape[-1]), jnp.float32)
 
 
-def separable_forward(x, depthwise, pointwise, out_hw, strides, dilation, pads, prologue=None):
+def separable_forward(x, depthwise, pointwise, out_hw, strides, dilation, pads, prologue=None,
+                      bf16=False):
   """x (N, H, W, C), depthwise (KH, KW, C), pointwise (C, F) -> y (N, OH, OW, F): the
   depthwise conv, then the 1x1, without writing the depthwise output to memory. With
   `prologue` (3, C), rows shift, scale, bias, the convs read relu(scale * (x - shift) +
-  bias) in place of x, computed image by image and never written."""
+  bias) in place of x, computed image by image and never written. `bf16`: the 1x1's
+  operands rounded to bfloat16, its sums in float32 (kernels.cc)."""
   prologue = _no_prologue(x) if prologue is None else prologue
   out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, pointwise.shape[-1]), jnp.float32)
   return jax.ffi.ffi_call("s9_separable_forward", out)(
-      x, prologue, depthwise, pointwise, **_conv_attrs(strides, dilation, pads))
+      x, prologue, depthwise, pointwise, **_conv_attrs(strides, dilation, pads),
+      bf16=np.int64(bf16))
 
 
-def separable_backward(x, depthwise, pointwise, dy, strides, dilation, pads, prologue=None):
+def separable_backward(x, depthwise, pointwise, dy, strides, dilation, pads, prologue=None,
+                       bf16=False):
   """The gradients (dx, ddepthwise, dpointwise) of `separable_forward` for dy; with a
   `prologue`, (dx, ddepthwise, dpointwise, sums), sums (2, C) being the sum of the ReLU's
-  output gradient and of its product with (x - shift), per channel."""
+  output gradient and of its product with (x - shift), per channel. `bf16`: the 1x1's
+  gradients from bfloat16-rounded operands, as its forward."""
   normalise = prologue is not None
   prologue = prologue if normalise else _no_prologue(x)
   shapes = (x.shape, (2 if normalise else 0, x.shape[-1]), depthwise.shape, pointwise.shape)
   out = tuple(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes)
   dx, sums, ddepthwise, dpointwise = jax.ffi.ffi_call("s9_separable_backward", out)(
-      x, prologue, depthwise, pointwise, dy, **_conv_attrs(strides, dilation, pads))
+      x, prologue, depthwise, pointwise, dy, **_conv_attrs(strides, dilation, pads),
+      bf16=np.int64(bf16))
   return (dx, ddepthwise, dpointwise, sums) if normalise else (dx, ddepthwise, dpointwise)
 
 

@@ -229,63 +229,66 @@ def _dense_bwd(strides, dilation, pads, use_native, residuals, dy):
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def separable(x, depthwise, pointwise, strides, dilation, pads):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def separable(x, depthwise, pointwise, strides, dilation, pads, bf16=False):
   """A depthwise-separable conv as one C++ op (native.py): NHWC float32 x, the depthwise
   kernel HWIO (KH, KW, 1, C) and the 1x1 kernel (1, 1, C, F), exactly the two convs'
-  kernels; the depthwise output stays in cache, image by image (kernels.cc)."""
-  return _separable_fwd(x, depthwise, pointwise, strides, dilation, pads)[0]
+  kernels; the depthwise output stays in cache, image by image (kernels.cc). `bf16`: the
+  1x1's operands rounded to bfloat16, forward and backward, its sums in float32."""
+  return _separable_fwd(x, depthwise, pointwise, strides, dilation, pads, bf16)[0]
 
 
-def _separable_forward(x, depthwise, pointwise, strides, dilation, pads, prologue=None):
+def _separable_forward(x, depthwise, pointwise, strides, dilation, pads, prologue=None,
+                       bf16=False):
   """native.separable_forward on the HWIO kernels."""
   out_hw = _out_hw(x.shape[1:3], depthwise.shape[:2], strides, dilation, pads)
   return native.separable_forward(x, depthwise[:, :, 0, :], pointwise[0, 0], out_hw, strides,
-                                  dilation, pads, prologue)
+                                  dilation, pads, prologue, bf16)
 
 
-def _separable_backward(x, depthwise, pointwise, dy, strides, dilation, pads, prologue=None):
+def _separable_backward(x, depthwise, pointwise, dy, strides, dilation, pads, prologue=None,
+                        bf16=False):
   """native.separable_backward on the HWIO kernels: their gradients in HWIO too."""
   dx, ddepthwise, dpointwise, *sums = native.separable_backward(
-      x, depthwise[:, :, 0, :], pointwise[0, 0], dy, strides, dilation, pads, prologue)
+      x, depthwise[:, :, 0, :], pointwise[0, 0], dy, strides, dilation, pads, prologue, bf16)
   return (dx, ddepthwise.reshape(depthwise.shape), dpointwise.reshape(pointwise.shape),
           *sums)
 
 
-def _separable_fwd(x, depthwise, pointwise, strides, dilation, pads):
-  y = _separable_forward(x, depthwise, pointwise, strides, dilation, pads)
+def _separable_fwd(x, depthwise, pointwise, strides, dilation, pads, bf16):
+  y = _separable_forward(x, depthwise, pointwise, strides, dilation, pads, bf16=bf16)
   return y, (x, depthwise, pointwise)
 
 
-def _separable_bwd(strides, dilation, pads, residuals, dy):
-  return _separable_backward(*residuals, dy, strides, dilation, pads)
+def _separable_bwd(strides, dilation, pads, bf16, residuals, dy):
+  return _separable_backward(*residuals, dy, strides, dilation, pads, bf16=bf16)
 
 
 separable.defvjp(_separable_fwd, _separable_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def separable_of_normalised(x, shift, scale, bias, depthwise, pointwise, strides, dilation,
-                            pads):
+                            pads, bf16=False):
   """`separable` of relu(scale * (x - shift) + bias), per channel: the previous layer's
   BatchNorm and ReLU applied by the C++ op as it reads x, so their output is never
   written (forward) and their backward comes out of the op's (the ReLU's mask and the
   sums for shift, scale and bias)."""
   return _separable_of_normalised_fwd(x, shift, scale, bias, depthwise, pointwise, strides,
-                                      dilation, pads)[0]
+                                      dilation, pads, bf16)[0]
 
 
 def _separable_of_normalised_fwd(x, shift, scale, bias, depthwise, pointwise, strides,
-                                 dilation, pads):
+                                 dilation, pads, bf16):
   prologue = jnp.stack([shift, scale, bias])
-  y = _separable_forward(x, depthwise, pointwise, strides, dilation, pads, prologue)
+  y = _separable_forward(x, depthwise, pointwise, strides, dilation, pads, prologue, bf16)
   return y, (x, prologue, depthwise, pointwise)
 
 
-def _separable_of_normalised_bwd(strides, dilation, pads, residuals, dy):
+def _separable_of_normalised_bwd(strides, dilation, pads, bf16, residuals, dy):
   x, prologue, depthwise, pointwise = residuals
   dx, ddepthwise, dpointwise, sums = _separable_backward(
-      x, depthwise, pointwise, dy, strides, dilation, pads, prologue)
+      x, depthwise, pointwise, dy, strides, dilation, pads, prologue, bf16)
   # sums: the ReLU's input gradient g summed, and g * (x - shift) summed, per channel.
   dshift = -prologue[1] * sums[0]
   return dx, dshift, sums[1], sums[0], ddepthwise, dpointwise

@@ -581,7 +581,8 @@ ADDED_KEYS = {"eval_translate_weight": 0.5, "augment.alternate_flip": False,
               "lookahead_every": 0, "muon_learning_rate": 0.08, "muon_momentum": 0.6,
               "model.stem_depth": 0, "model.activation": "relu",
               "model.residual_activation": "branch", "model.eca_kernel": 0,
-              "model.zero_init_residual": False, "bn_recalibrate": False}
+              "model.zero_init_residual": False, "bn_recalibrate": False,
+              "model.pointwise_bf16": False}
 
 
 def with_added_keys(saved: dict) -> dict:

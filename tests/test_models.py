@@ -211,3 +211,19 @@ def test_eca_adds_its_taps_to_every_residual_block():
   config = load_config("tiny")
   config.model.eca_kernel = 3
   assert param_count(config) == 59_706 + 6 * 3  # Two blocks at 32x32, four in the stages.
+
+
+@pytest.mark.parametrize("impl", ["lax", pytest.param("native", marks=NATIVE)])
+def test_pointwise_bf16_rounds_the_separable_1x1_on_every_path(impl):
+  # The same parameters as float32's; the output within bfloat16's rounding (8
+  # significant bits; the lax path rounds its output too) of float32's, and not equal.
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 48))
+  convs = {bf16: models.SeparableConv(64, conv_impl=impl, pointwise_bf16=bf16)
+           for bf16 in (False, True)}
+  variables = convs[False].init({"params": jax.random.PRNGKey(1)}, x)
+  assert (jax.tree.structure(convs[True].init({"params": jax.random.PRNGKey(1)}, x))
+          == jax.tree.structure(variables))
+  float32, bf16 = (convs[b].apply(variables, x) for b in (False, True))
+  assert bf16.dtype == jnp.float32
+  error = float(jnp.abs(bf16 - float32).max()) / float(jnp.abs(float32).max())
+  assert 1e-4 < error < 2e-2

@@ -184,6 +184,50 @@ def test_fused_separable_matches_two_lax_convs(x_shape, features, stride, dilati
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-2)
 
 
+def _round_to_bf16(a):
+  return a.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+# `bf16=True` (model.pointwise_bf16): the 1x1's products on bfloat16-rounded operands,
+# summed in float32, forward and backward, against the same maths in XLA: the depthwise
+# conv in float32, then the 1x1 of the rounded output and kernel; its kernel gradient from
+# the rounded output and output gradient, its input gradient from the rounded output
+# gradient and kernel. Shapes with odd channel and pixel counts (pairs padded with zero)
+# and outputs not a multiple of 16 (masked vectors).
+@NATIVE
+@pytest.mark.parametrize("x_shape,features,stride,dilation", [
+    ((3, 9, 10, 25), 85, 1, 1), ((2, 11, 7, 5), 27, 2, 2), ((2, 8, 8, 48), 48, 1, 1)])
+def test_fused_separable_bf16_matches_rounded_operands(x_shape, features, stride, dilation):
+  x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
+  depthwise = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 1, x_shape[-1]))
+  pointwise = jax.random.normal(jax.random.PRNGKey(2), (1, 1, x_shape[-1], features))
+  geometry = ((stride, stride), (dilation, dilation), ((dilation, dilation),) * 2)
+
+  def depthwise_conv(x, depthwise):
+    return lax.conv_general_dilated(x, depthwise, geometry[0], geometry[2], None, geometry[1],
+                                    DN, x.shape[-1], precision=lax.Precision.HIGHEST)
+
+  d, depthwise_vjp = jax.vjp(depthwise_conv, x, depthwise)
+  w = _round_to_bf16(pointwise[0, 0])
+  y_want = jnp.einsum("nhwc,cf->nhwf", _round_to_bf16(d), w, precision="highest")
+  y, vjp = jax.vjp(lambda *a: ops.separable(*a, *geometry, bf16=True), x, depthwise, pointwise)
+  np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-4)
+  # Not the float32 op: the rounding shows (bfloat16 keeps 8 significant bits).
+  y_float32 = ops.separable(x, depthwise, pointwise, *geometry)
+  assert float(jnp.abs(y - y_float32).max()) > 1e-3 * float(jnp.abs(y_float32).max())
+
+  dy = jax.random.normal(jax.random.PRNGKey(3), y.shape)
+  dpointwise_want = jnp.einsum("nhwc,nhwf->cf", _round_to_bf16(d), _round_to_bf16(dy),
+                               precision="highest")
+  dd = jnp.einsum("nhwf,cf->nhwc", _round_to_bf16(dy), w, precision="highest")
+  dx_want, ddepthwise_want = depthwise_vjp(dd)
+  dx, ddepthwise, dpointwise = vjp(dy)
+  np.testing.assert_allclose(dpointwise[0, 0], dpointwise_want, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(dx, dx_want, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(ddepthwise, ddepthwise_want.reshape(ddepthwise.shape),
+                             rtol=1e-4, atol=1e-2)
+
+
 # The same op with a BatchNorm and ReLU applied as it reads its input (the middle of every
 # residual block with the C++ kernels) against models.BatchNorm, ReLU and the two lax
 # convs: values, gradients of all four parameters, x's and the running statistics, in

@@ -15,8 +15,11 @@
 // gradients, while it is in cache.
 //
 // Portable C++17 for GCC and Clang on x86-64 and aarch64: vectors are GCC vector
-// extensions, which each target lowers to its own registers (AVX/AVX-512, NEON), and
-// the one architecture-specific instruction, the spin-wait hint, has a form per target.
+// extensions, which each target lowers to its own registers (AVX/AVX-512, NEON). Two
+// things are architecture-specific: the spin-wait hint, which has a form per target, and
+// the bfloat16 dot products of the separable ops' optional bfloat16 1x1 (AVX512-BF16
+// intrinsics where the compiler targets them, the float32 kernels on rounded operands
+// elsewhere).
 // The handlers check their operands' ranks and shapes and their attributes before any
 // work and return an InvalidArgument error (a Python exception) for a call the kernels
 // would read or write out of bounds for.
@@ -921,11 +924,165 @@ void NormaliseReluGrad(int64_t rows, int64_t cols, int64_t c, const float* __res
   }
 }
 
+// The separable ops' 1x1 conv with bfloat16 operands (attribute `bf16` = 1): the
+// depthwise output, the output gradient and the 1x1 kernel rounded to bfloat16 (to
+// nearest, ties to even), their products summed in float32, as mixed precision on a TPU
+// or GPU does. CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids) multiply-add two input
+// channels per float32 lane in one instruction where a float32 FMA does one: the 1x1
+// products at fast.py's shapes ran 1.6-1.9x faster alone (the kernel gradient of the
+// 16x16 maps 1.1x, paying to pair its pixels), docs/performance.md. Other CPUs compute
+// the same rounded products with the float32 kernels (no faster than float32).
+
+// x rounded to bfloat16: its upper 16 bits, to nearest, ties to even; NaN stays NaN.
+inline uint16_t Bf16Bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// x[0, n) rounded to bfloat16, as float32, into out (which may be x).
+void RoundToBf16(int64_t n, const float* x, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(Bf16Bits(x[i])) << 16;
+    std::memcpy(out + i, &u, sizeof u);
+  }
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define S9_BF16_DOT 1
+
+inline int64_t RoundUp16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// Lanes [0, n) of 16 (n <= 0: none).
+inline __mmask16 TailMask(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+// src (r, c) float32 as row pairs: dst (ceil(r / 2), RoundUp16(c), 2) bfloat16 with
+// dst[k, j] = (src[2k, j], src[2k + 1, j]), zero past r and c: the layout of a matrix
+// contracted over its rows, one 32-bit pair per lane.
+void PackRowPairs(int64_t r, int64_t c, const float* src, uint16_t* dst) {
+  const int64_t c16 = RoundUp16(c);
+  // cvtne2ps puts the even row's 16 values in the low half, the odd row's in the high.
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
+                                              25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
+                                              18, 2, 17, 1, 16, 0);
+  for (int64_t p = 0; p < r; p += 2) {
+    for (int64_t c0 = 0; c0 < c16; c0 += 16) {
+      const __mmask16 m = TailMask(c - c0);
+      const __m512 even = _mm512_maskz_loadu_ps(m, src + p * c + c0);
+      const __m512 odd = p + 1 < r ? _mm512_maskz_loadu_ps(m, src + (p + 1) * c + c0)
+                                   : _mm512_setzero_ps();
+      const __m512i pairs = (__m512i)_mm512_cvtne2ps_pbh(odd, even);
+      _mm512_storeu_si512(dst + (p / 2 * c16 + c0) * 2,
+                          _mm512_permutexvar_epi16(interleave, pairs));
+    }
+  }
+}
+
+// src (r, c) float32 as bfloat16 (r, c rounded up to even), zero in the padding: row
+// by row, so each 32-bit word holds a pair of channels (a matrix contracted over them).
+void PackChannelPairs(int64_t r, int64_t c, const float* src, uint16_t* dst) {
+  const int64_t c2 = c + (c & 1);
+  for (int64_t p = 0; p < r; ++p)
+    for (int64_t c0 = 0; c0 < c2; c0 += 16) {
+      const __m512 v = _mm512_maskz_loadu_ps(TailMask(c - c0), src + p * c + c0);
+      _mm256_mask_storeu_epi16(dst + p * c2 + c0, TailMask(c2 - c0),
+                               (__m256i)_mm512_cvtneps_pbh(v));
+    }
+}
+
+// Calls f(Int<NB>, v0) for blocks of NB vectors [v0, v0 + NB) covering [0, n): 3s, then
+// 2, 1 (P = 8 rows by 3 vectors of accumulators and 3 operands fit 32 registers).
+template <typename F>
+inline void ForVectorBlocks(int64_t n, F&& f) {
+  int64_t v = 0;
+  for (; v + 3 <= n; v += 3) f(Int<3>(), v);
+  if (v + 2 <= n) f(Int<2>(), v), v += 2;
+  if (v < n) f(Int<1>(), v);
+}
+
+// For rows [0, rows) and 16-column vectors c0 < cols, out(row, c0, acc) with acc = the
+// sum over pairs j of a's pair (row, j) times b's pair row j, each pair one dot product:
+// a's pairs at a + 2 * (row * a_row + j * a_pair), b (pairs, RoundUp16(cols), 2).
+template <typename Out>
+void Bf16Gemm(int64_t rows, int64_t pairs, int64_t cols, const uint16_t* a, int64_t a_row,
+              int64_t a_pair, const uint16_t* b, Out&& out) {
+  const int64_t c16 = RoundUp16(cols);
+  ForBlocksOf8(rows, [&](auto block, int64_t r0) {
+    constexpr int P = decltype(block)::value;
+    ForVectorBlocks(c16 / 16, [&](auto vectors, int64_t v0) {
+      constexpr int NB = decltype(vectors)::value;
+      __m512 acc[P][NB];
+      for (int k = 0; k < P; ++k)
+        for (int v = 0; v < NB; ++v) acc[k][v] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < pairs; ++j) {
+        __m512bh bv[NB];
+#pragma GCC unroll 4
+        for (int v = 0; v < NB; ++v)
+          bv[v] = (__m512bh)_mm512_loadu_si512(b + (j * c16 + (v0 + v) * 16) * 2);
+#pragma GCC unroll 8
+        for (int k = 0; k < P; ++k) {
+          int32_t pair;
+          std::memcpy(&pair, a + 2 * ((r0 + k) * a_row + j * a_pair), sizeof pair);
+          const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+          for (int v = 0; v < NB; ++v) acc[k][v] = _mm512_dpbf16_ps(acc[k][v], av, bv[v]);
+        }
+      }
+      for (int k = 0; k < P; ++k)
+        for (int v = 0; v < NB; ++v) out(r0 + k, (v0 + v) * 16, acc[k][v]);
+    });
+  });
+}
+
+// The 1x1 kernel (rows, cols) as row pairs, packed once per call.
+std::vector<uint16_t> PackedPairs(int64_t rows, int64_t cols, const float* w) {
+  std::vector<uint16_t> packed((rows + 1) / 2 * RoundUp16(cols) * 2);
+  PackRowPairs(rows, cols, w, packed.data());
+  return packed;
+}
+
+// One image's y (pixels, f) = d (pixels, c) @ w, w packed by PackedPairs(c, f, ...);
+// `scratch` holds d in bfloat16. Also the input gradient: dd = dy @ w^T with (f, c).
+void Bf16Pointwise(int64_t pixels, int64_t c, int64_t f, const float* d,
+                   const uint16_t* packed, std::vector<uint16_t>& scratch, float* y) {
+  const int64_t c2 = c + (c & 1);
+  scratch.resize(pixels * c2);
+  PackChannelPairs(pixels, c, d, scratch.data());
+  Bf16Gemm(pixels, c2 / 2, f, scratch.data(), c2 / 2, 1, packed, [&](int64_t r, int64_t c0,
+                                                                     __m512 v) {
+    _mm512_mask_storeu_ps(y + r * f + c0, TailMask(f - c0), v);
+  });
+}
+
+// Adds one image's kernel gradient, d (pixels, c)^T @ dy (pixels, f), to total (c, f):
+// summed in float32 within the image, added in float64.
+void Bf16PointwiseKernelGrad(int64_t pixels, int64_t c, int64_t f, const float* d,
+                             const float* dy, std::vector<uint16_t>& scratch, double* total) {
+  const int64_t pairs = (pixels + 1) / 2, c16 = RoundUp16(c);
+  scratch.resize(pairs * (c16 + RoundUp16(f)) * 2);
+  uint16_t* d_pairs = scratch.data();
+  uint16_t* dy_pairs = d_pairs + pairs * c16 * 2;
+  PackRowPairs(pixels, c, d, d_pairs);
+  PackRowPairs(pixels, f, dy, dy_pairs);
+  Bf16Gemm(c, pairs, f, d_pairs, 1, c16, dy_pairs, [&](int64_t r, int64_t c0, __m512 v) {
+    float sums[16];
+    _mm512_storeu_ps(sums, v);
+    const int64_t n = std::min<int64_t>(16, f - c0);
+    for (int64_t k = 0; k < n; ++k) total[r * f + c0 + k] += sums[k];
+  });
+}
+#else
+#define S9_BF16_DOT 0
+#endif
+
 ffi::Error SeparableForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> prologue, ffi::Buffer<ffi::F32> depthwise,
                             ffi::Buffer<ffi::F32> pointwise, ffi::ResultBuffer<ffi::F32> y,
                             int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph,
-                            int64_t pw, int64_t ph_hi, int64_t pw_hi) {
+                            int64_t pw, int64_t ph_hi, int64_t pw_hi, int64_t bf16) {
   constexpr char op[] = "s9_separable_forward";
   auto xd = x.dimensions();
   auto dd = depthwise.dimensions();
@@ -939,6 +1096,13 @@ ffi::Error SeparableForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const bool normalise = prologue.dimensions()[0] > 0;
   const int64_t f = pd[1], mid = g.oh * g.ow * g.c, image = g.h * g.w * g.c;
   const TapIndex index = ForwardIndex(g);
+  const float* w = pointwise.typed_data();
+#if S9_BF16_DOT
+  const std::vector<uint16_t> packed = bf16 ? PackedPairs(g.c, f, w) : std::vector<uint16_t>();
+#else
+  std::vector<float> rounded(bf16 ? g.c * f : 0);
+  if (bf16) RoundToBf16(g.c * f, w, rounded.data()), w = rounded.data();
+#endif
   const int64_t chunks = NumChunks(pool, g.n);
   // Each thread's depthwise output, and its normalised input with a prologue.
   const int64_t per_chunk = mid + (normalise ? image : 0);
@@ -946,15 +1110,24 @@ ffi::Error SeparableForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
     float* d = between.data() + chunk * per_chunk;
     float* z = d + mid;
+    std::vector<uint16_t> scratch;  // bf16's operands, paired.
     for (int64_t n = begin; n < end; ++n) {
       const float* xi = x.typed_data() + n * image;
+      float* yi = y->typed_data() + n * g.oh * g.ow * f;
       if (normalise) {
         NormaliseRelu(g.h * g.w, g.c, xi, prologue.typed_data(), z);
         xi = z;
       }
       GatherTaps(g, index, xi, depthwise.typed_data(), d);
-      DenseForwardImage(gp, f, d, pointwise.typed_data(), nullptr,
-                        y->typed_data() + n * g.oh * g.ow * f);
+#if S9_BF16_DOT
+      if (bf16) {
+        Bf16Pointwise(g.oh * g.ow, g.c, f, d, packed.data(), scratch, yi);
+        continue;
+      }
+#else
+      if (bf16) RoundToBf16(mid, d, d);
+#endif
+      DenseForwardImage(gp, f, d, w, nullptr, yi);
     }
   });
   return ffi::Error::Success();
@@ -972,7 +1145,7 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::ResultBuffer<ffi::F32> ddepthwise,
                              ffi::ResultBuffer<ffi::F32> dpointwise, int64_t sh, int64_t sw,
                              int64_t dh, int64_t dw, int64_t ph, int64_t pw, int64_t ph_hi,
-                             int64_t pw_hi) {
+                             int64_t pw_hi, int64_t bf16) {
   constexpr char op[] = "s9_separable_backward";
   auto xd = x.dimensions();
   auto dd = depthwise.dimensions();
@@ -997,7 +1170,13 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t depthwise_size = g.kh * g.kw * c, pointwise_size = c * f;
   const int64_t totals_size = depthwise_size + pointwise_size + sums;
   // The 1x1 kernel as (f, c), for its input gradient.
-  const std::vector<float> transposed = TransposedKernel(pointwise.typed_data(), 1, c, f);
+  std::vector<float> transposed = TransposedKernel(pointwise.typed_data(), 1, c, f);
+#if S9_BF16_DOT
+  const std::vector<uint16_t> packed =
+      bf16 ? PackedPairs(f, c, transposed.data()) : std::vector<uint16_t>();
+#else
+  if (bf16) RoundToBf16(c * f, transposed.data(), transposed.data());
+#endif
   const TapIndex input_index = InputGradIndex(g), forward = ForwardIndex(g);
   const int64_t chunks = NumChunks(pool, g.n);
   std::vector<double> partial(chunks * totals_size, 0.0);
@@ -1015,6 +1194,8 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     double* total_depthwise = partial.data() + chunk * totals_size;
     double* total_pointwise = total_depthwise + depthwise_size;
     double* total_prologue = total_pointwise + pointwise_size;
+    std::vector<uint16_t> scratch;   // bf16's operands, paired.
+    std::vector<float> dy_rounded;   // bf16's output gradient, without AVX512-BF16.
     for (int64_t n = begin; n < end; ++n) {
       const float* xi = x.typed_data() + n * image;
       const float* input = xi;  // What the depthwise conv reads.
@@ -1025,8 +1206,23 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       }
       const float* grad = dy.typed_data() + n * g.oh * g.ow * f;
       GatherTaps(g, forward, input, depthwise.typed_data(), d);
-      DenseKernelGradImage(gp, f, d, grad, total_pointwise);
-      DenseInputGradImage(gp, f, grad, transposed.data(), trash.data() + chunk * c, dd_image);
+#if S9_BF16_DOT
+      if (bf16) {
+        Bf16PointwiseKernelGrad(g.oh * g.ow, c, f, d, grad, scratch, total_pointwise);
+        Bf16Pointwise(g.oh * g.ow, f, c, grad, packed.data(), scratch, dd_image);
+      }
+#else
+      if (bf16) {
+        RoundToBf16(mid, d, d);
+        dy_rounded.resize(g.oh * g.ow * f);
+        RoundToBf16(g.oh * g.ow * f, grad, dy_rounded.data());
+        grad = dy_rounded.data();
+      }
+#endif
+      if (!S9_BF16_DOT || !bf16) {
+        DenseKernelGradImage(gp, f, d, grad, total_pointwise);
+        DenseInputGradImage(gp, f, grad, transposed.data(), trash.data() + chunk * c, dd_image);
+      }
       GatherTaps(g, input_index, dd_image, depthwise.typed_data(), normalise ? dz : dxi);
       ImageKernelGrad(g, forward, input, dd_image, total_depthwise);
       if (normalise) {
@@ -1159,7 +1355,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(S9SeparableForward, SeparableForward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // depthwise (kh, kw, c)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // pointwise (c, f)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y
-                                  S9_CONV_ATTRS);
+                                  S9_CONV_ATTRS.Attr<int64_t>("bf16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(S9SeparableBackward, SeparableBackward,
                               ffi::Ffi::Bind()
@@ -1173,4 +1369,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(S9SeparableBackward, SeparableBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dprologue (2 or 0, c)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ddepthwise
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dpointwise
-                                  S9_CONV_ATTRS);
+                                  S9_CONV_ATTRS.Attr<int64_t>("bf16"));
