@@ -933,22 +933,6 @@ void NormaliseReluGrad(int64_t rows, int64_t cols, int64_t c, const float* __res
 // 16x16 maps 1.1x, paying to pair its pixels), docs/performance.md. Other CPUs compute
 // the same rounded products with the float32 kernels (no faster than float32).
 
-// x rounded to bfloat16: its upper 16 bits, to nearest, ties to even; NaN stays NaN.
-inline uint16_t Bf16Bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-// x[0, n) rounded to bfloat16, as float32, into out (which may be x).
-void RoundToBf16(int64_t n, const float* x, float* out) {
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t u = static_cast<uint32_t>(Bf16Bits(x[i])) << 16;
-    std::memcpy(out + i, &u, sizeof u);
-  }
-}
-
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define S9_BF16_DOT 1
 
@@ -1037,14 +1021,7 @@ void Bf16Gemm(int64_t rows, int64_t pairs, int64_t cols, const uint16_t* a, int6
   });
 }
 
-// The 1x1 kernel (rows, cols) as row pairs, packed once per call.
-std::vector<uint16_t> PackedPairs(int64_t rows, int64_t cols, const float* w) {
-  std::vector<uint16_t> packed((rows + 1) / 2 * RoundUp16(cols) * 2);
-  PackRowPairs(rows, cols, w, packed.data());
-  return packed;
-}
-
-// One image's y (pixels, f) = d (pixels, c) @ w, w packed by PackedPairs(c, f, ...);
+// One image's y (pixels, f) = d (pixels, c) @ w, w packed in row pairs (PointwiseKernel);
 // `scratch` holds d in bfloat16. Also the input gradient: dd = dy @ w^T with (f, c).
 void Bf16Pointwise(int64_t pixels, int64_t c, int64_t f, const float* d,
                    const uint16_t* packed, std::vector<uint16_t>& scratch, float* y) {
@@ -1076,7 +1053,88 @@ void Bf16PointwiseKernelGrad(int64_t pixels, int64_t c, int64_t f, const float* 
 }
 #else
 #define S9_BF16_DOT 0
+
+// x rounded to bfloat16: its upper 16 bits, to nearest, ties to even; NaN stays NaN.
+inline uint16_t Bf16Bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// x[0, n) rounded to bfloat16, as float32, into out (which may be x).
+void RoundToBf16(int64_t n, const float* x, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(Bf16Bits(x[i])) << 16;
+    std::memcpy(out + i, &u, sizeof u);
+  }
+}
+
 #endif
+
+// A separable op's 1x1 kernel (rows, cols) as its products read it, prepared once per
+// call: as given, or with bf16 packed in row pairs (AVX512-BF16) or rounded (elsewhere).
+struct PointwiseKernel {
+  PointwiseKernel(const float* weights, int64_t rows, int64_t cols, bool bf16)
+      : bf16(bf16), w(weights) {
+    if (!bf16) return;
+#if S9_BF16_DOT
+    packed.resize((rows + 1) / 2 * RoundUp16(cols) * 2);
+    PackRowPairs(rows, cols, weights, packed.data());
+#else
+    rounded.resize(rows * cols);
+    RoundToBf16(rows * cols, weights, rounded.data());
+    w = rounded.data();
+#endif
+  }
+  bool bf16;
+  const float* w;                 // The float32 kernels' operand.
+  std::vector<float> rounded;     // bf16 without AVX512-BF16.
+  std::vector<uint16_t> packed;   // bf16 with it.
+};
+
+// One thread's buffers for the bf16 products: operands in pairs, or a rounded dy.
+struct PointwiseScratch {
+  std::vector<uint16_t> pairs;
+  std::vector<float> rounded;
+};
+
+// One image's y (pixels, f) = d (pixels, c) @ kernel (c, f), gp the 1x1's geometry; with
+// bf16, d may be rounded in place.
+void PointwiseForwardImage(const Geometry& gp, int64_t f, const PointwiseKernel& kernel,
+                           float* d, PointwiseScratch& scratch, float* y) {
+#if S9_BF16_DOT
+  if (kernel.bf16) return Bf16Pointwise(gp.h * gp.w, gp.c, f, d, kernel.packed.data(),
+                                        scratch.pairs, y);
+#else
+  if (kernel.bf16) RoundToBf16(gp.h * gp.w * gp.c, d, d);
+#endif
+  DenseForwardImage(gp, f, d, kernel.w, nullptr, y);
+}
+
+// One image's 1x1 gradients for dy (pixels, f): the kernel's added to total (c, f), the
+// input's written to dd (pixels, c); `transposed` is the kernel as (f, c). With bf16, d
+// may be rounded in place. Taps in the padding (none for a 1x1) add to `trash`.
+void PointwiseBackwardImage(const Geometry& gp, int64_t f, const PointwiseKernel& transposed,
+                            float* d, const float* dy, PointwiseScratch& scratch, float* trash,
+                            float* dd, double* total) {
+  const int64_t pixels = gp.h * gp.w;
+#if S9_BF16_DOT
+  if (transposed.bf16) {
+    Bf16PointwiseKernelGrad(pixels, gp.c, f, d, dy, scratch.pairs, total);
+    return Bf16Pointwise(pixels, f, gp.c, dy, transposed.packed.data(), scratch.pairs, dd);
+  }
+#else
+  if (transposed.bf16) {
+    RoundToBf16(pixels * gp.c, d, d);
+    scratch.rounded.resize(pixels * f);
+    RoundToBf16(pixels * f, dy, scratch.rounded.data());
+    dy = scratch.rounded.data();
+  }
+#endif
+  DenseKernelGradImage(gp, f, d, dy, total);
+  DenseInputGradImage(gp, f, dy, transposed.w, trash, dd);
+}
 
 ffi::Error SeparableForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> prologue, ffi::Buffer<ffi::F32> depthwise,
@@ -1096,13 +1154,7 @@ ffi::Error SeparableForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const bool normalise = prologue.dimensions()[0] > 0;
   const int64_t f = pd[1], mid = g.oh * g.ow * g.c, image = g.h * g.w * g.c;
   const TapIndex index = ForwardIndex(g);
-  const float* w = pointwise.typed_data();
-#if S9_BF16_DOT
-  const std::vector<uint16_t> packed = bf16 ? PackedPairs(g.c, f, w) : std::vector<uint16_t>();
-#else
-  std::vector<float> rounded(bf16 ? g.c * f : 0);
-  if (bf16) RoundToBf16(g.c * f, w, rounded.data()), w = rounded.data();
-#endif
+  const PointwiseKernel kernel(pointwise.typed_data(), g.c, f, bf16);
   const int64_t chunks = NumChunks(pool, g.n);
   // Each thread's depthwise output, and its normalised input with a prologue.
   const int64_t per_chunk = mid + (normalise ? image : 0);
@@ -1110,24 +1162,15 @@ ffi::Error SeparableForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
     float* d = between.data() + chunk * per_chunk;
     float* z = d + mid;
-    std::vector<uint16_t> scratch;  // bf16's operands, paired.
+    PointwiseScratch scratch;
     for (int64_t n = begin; n < end; ++n) {
       const float* xi = x.typed_data() + n * image;
-      float* yi = y->typed_data() + n * g.oh * g.ow * f;
       if (normalise) {
         NormaliseRelu(g.h * g.w, g.c, xi, prologue.typed_data(), z);
         xi = z;
       }
       GatherTaps(g, index, xi, depthwise.typed_data(), d);
-#if S9_BF16_DOT
-      if (bf16) {
-        Bf16Pointwise(g.oh * g.ow, g.c, f, d, packed.data(), scratch, yi);
-        continue;
-      }
-#else
-      if (bf16) RoundToBf16(mid, d, d);
-#endif
-      DenseForwardImage(gp, f, d, w, nullptr, yi);
+      PointwiseForwardImage(gp, f, kernel, d, scratch, y->typed_data() + n * g.oh * g.ow * f);
     }
   });
   return ffi::Error::Success();
@@ -1170,13 +1213,8 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t depthwise_size = g.kh * g.kw * c, pointwise_size = c * f;
   const int64_t totals_size = depthwise_size + pointwise_size + sums;
   // The 1x1 kernel as (f, c), for its input gradient.
-  std::vector<float> transposed = TransposedKernel(pointwise.typed_data(), 1, c, f);
-#if S9_BF16_DOT
-  const std::vector<uint16_t> packed =
-      bf16 ? PackedPairs(f, c, transposed.data()) : std::vector<uint16_t>();
-#else
-  if (bf16) RoundToBf16(c * f, transposed.data(), transposed.data());
-#endif
+  const std::vector<float> transposed = TransposedKernel(pointwise.typed_data(), 1, c, f);
+  const PointwiseKernel transposed_kernel(transposed.data(), f, c, bf16);
   const TapIndex input_index = InputGradIndex(g), forward = ForwardIndex(g);
   const int64_t chunks = NumChunks(pool, g.n);
   std::vector<double> partial(chunks * totals_size, 0.0);
@@ -1194,8 +1232,7 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     double* total_depthwise = partial.data() + chunk * totals_size;
     double* total_pointwise = total_depthwise + depthwise_size;
     double* total_prologue = total_pointwise + pointwise_size;
-    std::vector<uint16_t> scratch;   // bf16's operands, paired.
-    std::vector<float> dy_rounded;   // bf16's output gradient, without AVX512-BF16.
+    PointwiseScratch scratch;
     for (int64_t n = begin; n < end; ++n) {
       const float* xi = x.typed_data() + n * image;
       const float* input = xi;  // What the depthwise conv reads.
@@ -1206,23 +1243,8 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       }
       const float* grad = dy.typed_data() + n * g.oh * g.ow * f;
       GatherTaps(g, forward, input, depthwise.typed_data(), d);
-#if S9_BF16_DOT
-      if (bf16) {
-        Bf16PointwiseKernelGrad(g.oh * g.ow, c, f, d, grad, scratch, total_pointwise);
-        Bf16Pointwise(g.oh * g.ow, f, c, grad, packed.data(), scratch, dd_image);
-      }
-#else
-      if (bf16) {
-        RoundToBf16(mid, d, d);
-        dy_rounded.resize(g.oh * g.ow * f);
-        RoundToBf16(g.oh * g.ow * f, grad, dy_rounded.data());
-        grad = dy_rounded.data();
-      }
-#endif
-      if (!S9_BF16_DOT || !bf16) {
-        DenseKernelGradImage(gp, f, d, grad, total_pointwise);
-        DenseInputGradImage(gp, f, grad, transposed.data(), trash.data() + chunk * c, dd_image);
-      }
+      PointwiseBackwardImage(gp, f, transposed_kernel, d, grad, scratch,
+                             trash.data() + chunk * c, dd_image, total_pointwise);
       GatherTaps(g, input_index, dd_image, depthwise.typed_data(), normalise ? dz : dxi);
       ImageKernelGrad(g, forward, input, dd_image, total_depthwise);
       if (normalise) {
