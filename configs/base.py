@@ -57,6 +57,7 @@ def get_config(variant: str = ""):
   c.model.dtype = "float32"               # 'bfloat16': mixed precision (params stay float32).
   c.model.pointwise_bf16 = False          # The separable convs' 1x1s on bfloat16 operands,
                                           #   float32 sums (fast with AVX512-BF16; models.py).
+  c.model.dense_bf16 = False              # The same for the dense 3x3 convs after the stem.
   c.model.stem_width = 24
   c.model.stem_stride = 1                 # 2: the stem downsamples (see configs/fast.py).
   c.model.stem_depth = 0                  # Residual separable blocks at the stem's resolution.

@@ -34,11 +34,15 @@ ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu, "hardswish": nn.hard_swish}
 RESIDUAL_ACTIVATIONS = ("branch", "sum")
 
 
-def conv_factory(conv_impl: str, dtype=jnp.float32):
+def conv_factory(conv_impl: str, dtype=jnp.float32, bf16: bool = False):
   """nn.Conv without bias (BatchNorm follows every conv but the last), with the chosen
-  convolution function, computing in `dtype` on float32 parameters."""
+  convolution function, computing in `dtype` on float32 parameters. `bf16`: a dense conv
+  on bfloat16 operands with float32 sums, by the C++ kernels where they compute it in
+  float32, else as a bfloat16 nn.Conv (whose output is rounded to bfloat16 too)."""
+  if bf16 and not (ops.resolve(conv_impl) == "native" and dtype == jnp.float32):
+    dtype, bf16 = jnp.bfloat16, False
   return functools.partial(nn.Conv, use_bias=False, dtype=dtype,
-                           conv_general_dilated=ops.conv_function(conv_impl))
+                           conv_general_dilated=ops.conv_function(conv_impl, bf16))
 
 
 class BatchNorm(nn.Module):
@@ -318,6 +322,7 @@ class S9Net(nn.Module):
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
   pointwise_bf16: bool = False  # The separable convs' 1x1s on bfloat16 operands.
+  dense_bf16: bool = False  # The dense 3x3 convs after the stem on bfloat16 operands.
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -341,8 +346,9 @@ class S9Net(nn.Module):
                           conv_impl=self.conv_impl, dtype=self.dtype,
                           pointwise_bf16=self.pointwise_bf16)(x)
       else:
-        x = conv(width, (3, 3), strides=stride, padding=down_dilation,
-                 kernel_dilation=down_dilation)(x)
+        down = conv_factory(self.conv_impl, self.dtype, self.dense_bf16)
+        x = down(width, (3, 3), strides=stride, padding=down_dilation,
+                 kernel_dilation=down_dilation)(x).astype(self.dtype)
       x = batch_norm_activation(self, x, train)
       for _ in range(depth):
         x = ResidualSeparable(dilation=dilation, activation=self.activation,
@@ -393,5 +399,6 @@ def create_model(model_config, conv_impl: str | None = None) -> nn.Module:
                  zero_init_residual=model_config.zero_init_residual,
                  dropout=model_config.dropout,
                  pointwise_bf16=model_config.pointwise_bf16,
+                 dense_bf16=model_config.dense_bf16,
                  conv_impl=impl, dtype=dtype)
   raise ValueError(f"unknown model.name {model_config.name!r}: expected 'seed' or 's9net'")

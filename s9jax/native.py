@@ -188,25 +188,26 @@ def depthwise_backward(x, w, dy, strides, dilation, pads):
       x, w, dy, **_conv_attrs(strides, dilation, pads))
 
 
-def dense_forward(x, w, out_hw, strides, dilation, pads):
-  """x (N, H, W, CIN), w (KH, KW, CIN, COUT) -> y (N, OH, OW, COUT)."""
+def dense_forward(x, w, out_hw, strides, dilation, pads, bf16=False):
+  """x (N, H, W, CIN), w (KH, KW, CIN, COUT) -> y (N, OH, OW, COUT). `bf16`: x and w
+  rounded to bfloat16, the sums in float32 (kernels.cc), and so the two gradients."""
   out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, w.shape[-1]), jnp.float32)
   return jax.ffi.ffi_call("s9_dense_forward", out)(
-      x, w, **_conv_attrs(strides, dilation, pads))
+      x, w, **_conv_attrs(strides, dilation, pads), bf16=np.int64(bf16))
 
 
-def dense_input_grad(dy, w, in_hw, strides, dilation, pads):
+def dense_input_grad(dy, w, in_hw, strides, dilation, pads, bf16=False):
   """The gradient of `dense_forward` with respect to x (N, *in_hw, CIN), for dy."""
   out = jax.ShapeDtypeStruct((dy.shape[0], *in_hw, w.shape[-2]), jnp.float32)
   return jax.ffi.ffi_call("s9_dense_input_grad", out)(
-      dy, w, **_conv_attrs(strides, dilation, pads))
+      dy, w, **_conv_attrs(strides, dilation, pads), bf16=np.int64(bf16))
 
 
-def dense_kernel_grad(x, dy, kernel_hw, strides, dilation, pads):
+def dense_kernel_grad(x, dy, kernel_hw, strides, dilation, pads, bf16=False):
   """The gradient of `dense_forward` with respect to w (*kernel_hw, CIN, COUT), for dy."""
   out = jax.ShapeDtypeStruct((*kernel_hw, x.shape[-1], dy.shape[-1]), jnp.float32)
   return jax.ffi.ffi_call("s9_dense_kernel_grad", out)(
-      x, dy, **_conv_attrs(strides, dilation, pads))
+      x, dy, **_conv_attrs(strides, dilation, pads), bf16=np.int64(bf16))
 
 
 def _no_prologue(x):

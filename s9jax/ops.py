@@ -188,29 +188,31 @@ def _im2col(x, kernel_hw, strides, dilation, pads):
   return views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _dense(x, w, strides, dilation, pads, use_native=False):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _dense(x, w, strides, dilation, pads, use_native=False, bf16=False):
   """Dense conv as im2col and one matmul (measured 246 ms vs 427 ms for lax and 444 ms
-  for a sum of per-tap matmuls), or as C++ kernels that read x in place (native.py)."""
-  return _dense_fwd(x, w, strides, dilation, pads, use_native)[0]
+  for a sum of per-tap matmuls), or as C++ kernels that read x in place (native.py),
+  which with `bf16` take bfloat16-rounded operands and sum in float32."""
+  return _dense_fwd(x, w, strides, dilation, pads, use_native, bf16)[0]
 
 
-def _dense_fwd(x, w, strides, dilation, pads, use_native):
+def _dense_fwd(x, w, strides, dilation, pads, use_native, bf16):
   kh, kw, cin, cout = w.shape
   if use_native:
     out_hw = _out_hw(x.shape[1:3], (kh, kw), strides, dilation, pads)
-    return native.dense_forward(x, w, out_hw, strides, dilation, pads), (x, x.shape[1:3], w)
+    return (native.dense_forward(x, w, out_hw, strides, dilation, pads, bf16),
+            (x, x.shape[1:3], w))
   patches = _im2col(x, (kh, kw), strides, dilation, pads)
   out = jnp.einsum("nhwk,kd->nhwd", patches, w.reshape(kh * kw * cin, cout))
   return out, (patches, x.shape[1:3], w)
 
 
-def _dense_bwd(strides, dilation, pads, use_native, residuals, dy):
+def _dense_bwd(strides, dilation, pads, use_native, bf16, residuals, dy):
   patches, in_hw, w = residuals  # With use_native, x itself: the kernels need no im2col.
   kh, kw, cin, cout = w.shape
   if use_native:
-    return (native.dense_input_grad(dy, w, in_hw, strides, dilation, pads),
-            native.dense_kernel_grad(patches, dy, (kh, kw), strides, dilation, pads))
+    return (native.dense_input_grad(dy, w, in_hw, strides, dilation, pads, bf16),
+            native.dense_kernel_grad(patches, dy, (kh, kw), strides, dilation, pads, bf16))
   # The kernel gradient contracts over pixels, so XLA transposes one operand. The barrier
   # makes that a plain copy of the stored patches; without it XLA fused the patches'
   # producers (BatchNorm, ReLU, the depthwise taps) into the transpose and recomputed
@@ -409,34 +411,47 @@ def fast_conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
                               lhs_dilation=None, rhs_dilation=None,
                               dimension_numbers=None, feature_group_count: int = 1,
                               batch_group_count: int = 1, precision=None,
-                              preferred_element_type=None, use_native: bool = False):
+                              preferred_element_type=None, use_native: bool = False,
+                              bf16: bool = False):
   """Drop-in for `lax.conv_general_dilated` that is fast on XLA:CPU for the S9 ops;
-  `use_native` computes depthwise convs with the C++ kernels (native.py)."""
+  `use_native` computes depthwise convs with the C++ kernels (native.py), and `bf16` a
+  dense KxK conv there on bfloat16-rounded operands with float32 sums."""
   strides = tuple(window_strides)
   dilation = tuple(rhs_dilation or (1,) * len(strides))
   canonical = functools.partial(
       lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation,
       rhs_dilation, dimension_numbers, feature_group_count, batch_group_count, precision,
       preferred_element_type)
+
+  def xla_conv():  # A conv the fast forms do not compute.
+    if bf16:
+      raise ValueError("bf16 convs are the C++ kernels' dense KxK convs (float32 NHWC/HWIO, "
+                       f"use_native); got lhs {lhs.shape} {lhs.dtype}, rhs {rhs.shape}, "
+                       f"{feature_group_count} groups, use_native={use_native}")
+    return canonical()
+
   if (lhs.ndim != 4 or not _is_nhwc_hwio(dimension_numbers)
       or any(d != 1 for d in (lhs_dilation or (1, 1))) or batch_group_count != 1
       or preferred_element_type is not None or precision is not None):
-    return canonical()
+    return xla_conv()
 
   kh, kw, cin_per_group, cout = rhs.shape
   cin = lhs.shape[3]
   pads = _explicit_padding(padding, lhs.shape[1:3], (kh, kw), strides, dilation)
   if any(p < 0 for pair in pads for p in pair):
-    return canonical()
+    return xla_conv()
   # The C++ kernels take float32 only; other dtypes keep the XLA forms.
   use_native = (use_native and kh * kw <= native.MAX_TAPS
                 and lhs.dtype == rhs.dtype == jnp.float32)
+  # 1x1 convs stay matmuls, which XLA fuses with their neighbours.
+  native_dense = use_native and feature_group_count == 1 and kh * kw > 1
+  if bf16 and not native_dense:
+    return xla_conv()
   if feature_group_count == cin and cin_per_group == 1 and cout == cin:
     return _depthwise(lhs, rhs, strides, dilation, pads, use_native)
   if feature_group_count == 1:
-    # 1x1 convs stay matmuls, which XLA fuses with their neighbours.
-    return _dense(lhs, rhs, strides, dilation, pads, use_native and kh * kw > 1)
-  return canonical()
+    return _dense(lhs, rhs, strides, dilation, pads, native_dense, bf16)
+  return xla_conv()
 
 
 def resolve(impl: str) -> str:
@@ -465,9 +480,12 @@ def describe(impl: str) -> str:
                     "matmuls), BatchNorm C++ sums"}[impl]
 
 
-def conv_function(impl: str):
-  """The function to pass as `nn.Conv(conv_general_dilated=...)`."""
+def conv_function(impl: str, bf16: bool = False):
+  """The function to pass as `nn.Conv(conv_general_dilated=...)`; `bf16` (the C++
+  kernels' dense KxK convs only): on bfloat16-rounded operands with float32 sums."""
   impl = resolve(impl)
+  if bf16 and impl != "native":
+    raise ValueError(f"bf16 convs need the C++ kernels, not conv implementation {impl!r}")
   if impl == "lax":
     return lax.conv_general_dilated
-  return functools.partial(fast_conv_general_dilated, use_native=impl == "native")
+  return functools.partial(fast_conv_general_dilated, use_native=impl == "native", bf16=bf16)

@@ -582,7 +582,7 @@ ADDED_KEYS = {"eval_translate_weight": 0.5, "augment.alternate_flip": False,
               "model.stem_depth": 0, "model.activation": "relu",
               "model.residual_activation": "branch", "model.eca_kernel": 0,
               "model.zero_init_residual": False, "bn_recalibrate": False,
-              "model.pointwise_bf16": False}
+              "model.pointwise_bf16": False, "model.dense_bf16": False}
 
 
 def with_added_keys(saved: dict) -> dict:

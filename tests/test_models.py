@@ -215,6 +215,33 @@ def test_eca_adds_its_taps_to_every_residual_block():
   assert param_count(config) == 59_706 + 6 * 3  # Two blocks at 32x32, four in the stages.
 
 
+@pytest.mark.parametrize("impl", ["lax", "fast", pytest.param("native", marks=NATIVE)])
+def test_dense_bf16_rounds_the_dense_convs_after_the_stem_on_every_path(impl):
+  # base.py's network, whose one dense conv after the stem (Conv_1, 24 -> 48, stride 2,
+  # dilation 2) is the only one to change: the same parameters as float32's; the first
+  # stage's output within bfloat16's rounding of float32's, and not equal. Rounding the
+  # stem would change the stem's output too.
+  config = load_config("base").model
+  config.conv_impl = impl
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  nets = {}
+  for bf16 in (False, True):
+    config.dense_bf16 = bf16
+    nets[bf16] = models.create_model(config)
+  variables = nets[False].init({"params": jax.random.PRNGKey(1)}, x)
+  assert (jax.tree.structure(nets[True].init({"params": jax.random.PRNGKey(1)}, x))
+          == jax.tree.structure(variables))
+  outputs = {}
+  for bf16, net in nets.items():
+    _, state = net.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+    outputs[bf16] = {name: state["intermediates"][name]["__call__"][0].astype(jnp.float32)
+                     for name in ("Conv_0", "Conv_1")}
+  np.testing.assert_array_equal(outputs[True]["Conv_0"], outputs[False]["Conv_0"])
+  float32, bf16 = outputs[False]["Conv_1"], outputs[True]["Conv_1"]
+  error = float(jnp.abs(bf16 - float32).max()) / float(jnp.abs(float32).max())
+  assert 1e-4 < error < 2e-2
+
+
 @pytest.mark.parametrize("impl", ["lax", pytest.param("native", marks=NATIVE)])
 def test_pointwise_bf16_rounds_the_separable_1x1_on_every_path(impl):
   # The same parameters as float32's; the output within bfloat16's rounding (8

@@ -72,7 +72,7 @@ def raw(target, *result_shapes, conv_attrs=True):
   checks of their results."""
   results = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in result_shapes]
   attrs = native._conv_attrs(ONE, ONE, SAME) if conv_attrs else {}
-  if target.startswith("s9_separable"):
+  if target.startswith(("s9_separable", "s9_dense")):
     attrs["bf16"] = np.int64(0)
   return lambda *operands: jax.ffi.ffi_call(
       target, results if len(results) > 1 else results[0])(*operands, **attrs)

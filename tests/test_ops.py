@@ -228,6 +228,51 @@ def test_fused_separable_bf16_matches_rounded_operands(x_shape, features, stride
                              rtol=1e-4, atol=1e-2)
 
 
+# `bf16=True` on a dense conv (model.dense_bf16): all three products on bfloat16-rounded
+# operands, summed in float32, against XLA's conv of the rounded operands and its
+# gradients for a rounded dy. Unstrided (the input gradient as a conv of dy), strided and
+# dilated (the input gradient added tap by tap), odd channel counts (pairs padded with
+# zero), asymmetric padding, odd pixel counts (the kernel gradient's pixel pairs) and
+# outputs not a multiple of 16 (masked vectors); 3 input channels as the stem has.
+@NATIVE
+@pytest.mark.parametrize("x_shape,features,stride,dilation,pads", [
+    ((3, 9, 11, 5), 19, 1, 1, ((1, 1), (1, 1))), ((2, 16, 16, 24), 48, 1, 1, ((1, 1), (1, 1))),
+    ((2, 12, 10, 7), 33, 2, 2, ((2, 2), (2, 2))), ((2, 7, 9, 16), 32, 2, 1, ((0, 1), (0, 1))),
+    ((2, 8, 8, 3), 24, 2, 1, ((1, 1), (1, 1))), ((2, 9, 9, 8), 17, 1, 2, ((1, 3), (2, 2)))])
+def test_dense_bf16_matches_rounded_operands(x_shape, features, stride, dilation, pads):
+  x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, x_shape[-1], features))
+
+  def conv(x, kernel, **native):
+    fn = ops.fast_conv_general_dilated if native else lax.conv_general_dilated
+    extra = native or {"precision": lax.Precision.HIGHEST}
+    return fn(x, kernel, (stride, stride), pads, rhs_dilation=(dilation, dilation),
+              dimension_numbers=DN, **extra)
+
+  y_want, vjp_want = jax.vjp(conv, _round_to_bf16(x), _round_to_bf16(kernel))
+  y, vjp = jax.vjp(lambda x, k: conv(x, k, use_native=True, bf16=True), x, kernel)
+  np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-4)
+  # Not the float32 op: the rounding shows (bfloat16 keeps 8 significant bits).
+  y_float32 = conv(x, kernel, use_native=True)
+  assert float(jnp.abs(y - y_float32).max()) > 1e-3 * float(jnp.abs(y_float32).max())
+  dy = jax.random.normal(jax.random.PRNGKey(3), y.shape)
+  for got, want in zip(vjp(dy), vjp_want(_round_to_bf16(dy))):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
+def test_bf16_convs_are_the_native_dense_ones_only():
+  x, kernel = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+  with pytest.raises(ValueError, match="bf16 convs need the C\\+\\+ kernels"):
+    ops.conv_function("fast", bf16=True)
+  with pytest.raises(ValueError, match="bf16 convs are the C\\+\\+ kernels' dense KxK convs"):
+    ops.fast_conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=DN,
+                                  bf16=True)  # Not use_native.
+  with pytest.raises(ValueError, match="4 groups"):
+    ops.fast_conv_general_dilated(x, jnp.ones((3, 3, 1, 4)), (1, 1), "SAME",
+                                  dimension_numbers=DN, feature_group_count=4,
+                                  use_native=True, bf16=True)  # Depthwise.
+
+
 # The same op with a BatchNorm and ReLU applied as it reads its input (the middle of every
 # residual block with the C++ kernels) against models.BatchNorm, ReLU and the two lax
 # convs: values, gradients of all four parameters, x's and the running statistics, in

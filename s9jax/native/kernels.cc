@@ -761,92 +761,6 @@ void DenseKernelGradImage(const Geometry& g, int64_t cout, const float* x, const
   }
 }
 
-ffi::Error DenseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                        ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
-                        int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph, int64_t pw,
-                        int64_t ph_hi, int64_t pw_hi) {
-  constexpr char op[] = "s9_dense_forward";
-  auto xd = x.dimensions();
-  auto kd = kernel.dimensions();
-  auto yd = y->dimensions();
-  S9_RETURN_IF_ERROR(CheckRank(op, "x", xd, 4, kNhwc));
-  S9_RETURN_IF_ERROR(CheckRank(op, "kernel", kd, 4, "(KH, KW, CIN, COUT)"));
-  S9_RETURN_IF_ERROR(CheckRank(op, "y", yd, 4, kNhwc));
-  S9_RETURN_IF_ERROR(CheckSame(op, "kernel input channels", kd[2], "x channels", xd[3]));
-  S9_RETURN_IF_ERROR(CheckSame(op, "y batch", yd[0], "x batch", xd[0]));
-  S9_RETURN_IF_ERROR(CheckSame(op, "y channels", yd[3], "kernel output channels", kd[3]));
-  const Geometry g = MakeGeometry(xd, kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
-  S9_RETURN_IF_ERROR(CheckConv(op, g, ph_hi, pw_hi));
-  const int64_t cout = kd[3];
-  const std::vector<float> zeros(g.c, 0.0f);
-  ParallelFor(pool, g.n, NumChunks(pool, g.n), [&](int64_t, int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      DenseForwardImage(g, cout, x.typed_data() + n * g.h * g.w * g.c, kernel.typed_data(),
-                        zeros.data(), y->typed_data() + n * g.oh * g.ow * cout);
-    }
-  });
-  return ffi::Error::Success();
-}
-
-ffi::Error DenseInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
-                          ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> dx,
-                          int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph,
-                          int64_t pw, int64_t ph_hi, int64_t pw_hi) {
-  constexpr char op[] = "s9_dense_input_grad";
-  auto xd = dx->dimensions();
-  auto kd = kernel.dimensions();
-  auto yd = dy.dimensions();
-  S9_RETURN_IF_ERROR(CheckRank(op, "dy", yd, 4, kNhwc));
-  S9_RETURN_IF_ERROR(CheckRank(op, "kernel", kd, 4, "(KH, KW, CIN, COUT)"));
-  S9_RETURN_IF_ERROR(CheckRank(op, "dx", xd, 4, kNhwc));
-  S9_RETURN_IF_ERROR(CheckSame(op, "dx batch", xd[0], "dy batch", yd[0]));
-  S9_RETURN_IF_ERROR(CheckSame(op, "kernel output channels", kd[3], "dy channels", yd[3]));
-  S9_RETURN_IF_ERROR(CheckSame(op, "dx channels", xd[3], "kernel input channels", kd[2]));
-  const Geometry g = MakeGeometry(xd, kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
-  S9_RETURN_IF_ERROR(CheckConv(op, g, ph_hi, pw_hi));
-  const int64_t cout = kd[3];
-  const std::vector<float> wt = TransposedKernel(kernel.typed_data(), g.kh * g.kw, g.c, cout);
-  const int64_t chunks = NumChunks(pool, g.n);
-  std::vector<float> trash(chunks * g.c);
-  ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      DenseInputGradImage(g, cout, dy.typed_data() + n * g.oh * g.ow * cout, wt.data(),
-                          trash.data() + chunk * g.c, dx->typed_data() + n * g.h * g.w * g.c);
-    }
-  });
-  return ffi::Error::Success();
-}
-
-ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                           ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dkernel,
-                           int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph,
-                           int64_t pw, int64_t ph_hi, int64_t pw_hi) {
-  constexpr char op[] = "s9_dense_kernel_grad";
-  auto xd = x.dimensions();
-  auto kd = dkernel->dimensions();
-  auto yd = dy.dimensions();
-  S9_RETURN_IF_ERROR(CheckRank(op, "x", xd, 4, kNhwc));
-  S9_RETURN_IF_ERROR(CheckRank(op, "dy", yd, 4, kNhwc));
-  S9_RETURN_IF_ERROR(CheckRank(op, "dkernel", kd, 4, "(KH, KW, CIN, COUT)"));
-  S9_RETURN_IF_ERROR(CheckSame(op, "dy batch", yd[0], "x batch", xd[0]));
-  S9_RETURN_IF_ERROR(CheckSame(op, "dkernel input channels", kd[2], "x channels", xd[3]));
-  S9_RETURN_IF_ERROR(CheckSame(op, "dkernel output channels", kd[3], "dy channels", yd[3]));
-  const Geometry g = MakeGeometry(xd, kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
-  S9_RETURN_IF_ERROR(CheckConv(op, g, ph_hi, pw_hi));
-  const int64_t cout = kd[3], size = g.kh * g.kw * g.c * cout;
-  const int64_t chunks = NumChunks(pool, g.n);
-  std::vector<double> partial(chunks * size, 0.0);
-  ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      DenseKernelGradImage(g, cout, x.typed_data() + n * g.h * g.w * g.c,
-                           dy.typed_data() + n * g.oh * g.ow * cout,
-                           partial.data() + chunk * size);
-    }
-  });
-  ReducePartials(partial, chunks, size, dkernel->typed_data());
-  return ffi::Error::Success();
-}
-
 // Depthwise-separable convs (a depthwise KHxKW conv, then a 1x1 to f channels) as one
 // op: the depthwise output never leaves the image being computed. Unfused, it is written
 // to memory and read back by the 1x1 conv, its kernel gradient, and (through the 1x1's
@@ -943,10 +857,11 @@ inline __mmask16 TailMask(int64_t n) {
   return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
-// src (r, c) float32 as row pairs: dst (ceil(r / 2), RoundUp16(c), 2) bfloat16 with
-// dst[k, j] = (src[2k, j], src[2k + 1, j]), zero past r and c: the layout of a matrix
-// contracted over its rows, one 32-bit pair per lane.
-void PackRowPairs(int64_t r, int64_t c, const float* src, uint16_t* dst) {
+// r rows of c float32, row k at row(k) (null: zeros), as row pairs: dst (ceil(r / 2),
+// RoundUp16(c), 2) bfloat16 with dst[k, j] = (row(2k)[j], row(2k + 1)[j]), zero past r
+// and c: the layout of a matrix contracted over its rows, one 32-bit pair per lane.
+template <typename Row>
+void PackRowPairsOf(int64_t r, int64_t c, Row&& row, uint16_t* dst) {
   const int64_t c16 = RoundUp16(c);
   // cvtne2ps puts the even row's 16 values in the low half, the odd row's in the high.
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
@@ -955,14 +870,20 @@ void PackRowPairs(int64_t r, int64_t c, const float* src, uint16_t* dst) {
   for (int64_t p = 0; p < r; p += 2) {
     for (int64_t c0 = 0; c0 < c16; c0 += 16) {
       const __mmask16 m = TailMask(c - c0);
-      const __m512 even = _mm512_maskz_loadu_ps(m, src + p * c + c0);
-      const __m512 odd = p + 1 < r ? _mm512_maskz_loadu_ps(m, src + (p + 1) * c + c0)
-                                   : _mm512_setzero_ps();
+      const float* even_row = row(p);
+      const float* odd_row = p + 1 < r ? row(p + 1) : nullptr;
+      const __m512 even = even_row ? _mm512_maskz_loadu_ps(m, even_row + c0) : _mm512_setzero_ps();
+      const __m512 odd = odd_row ? _mm512_maskz_loadu_ps(m, odd_row + c0) : _mm512_setzero_ps();
       const __m512i pairs = (__m512i)_mm512_cvtne2ps_pbh(odd, even);
       _mm512_storeu_si512(dst + (p / 2 * c16 + c0) * 2,
                           _mm512_permutexvar_epi16(interleave, pairs));
     }
   }
+}
+
+// src (r, c) float32 as row pairs (PackRowPairsOf).
+void PackRowPairs(int64_t r, int64_t c, const float* src, uint16_t* dst) {
+  PackRowPairsOf(r, c, [&](int64_t k) { return src + k * c; }, dst);
 }
 
 // src (r, c) float32 as bfloat16 (r, c rounded up to even), zero in the padding: row
@@ -987,6 +908,27 @@ inline void ForVectorBlocks(int64_t n, F&& f) {
   if (v < n) f(Int<1>(), v);
 }
 
+// acc[k][v] += the sum over pairs j of a[k]'s pair j (at a[k] + 2 * j * a_pair) times
+// b's pair row j, vector v (at b + j * b_pair + 32 * v), each pair one dot product: P
+// rows by NB vectors of 16 float32 sums, the products of every bfloat16 kernel here.
+template <int P, int NB>
+inline void Bf16Accumulate(const uint16_t* const (&a)[P], int64_t a_pair, int64_t pairs,
+                           const uint16_t* b, int64_t b_pair, __m512 (&acc)[P][NB]) {
+  for (int64_t j = 0; j < pairs; ++j) {
+    __m512bh bv[NB];
+#pragma GCC unroll 4
+    for (int v = 0; v < NB; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + j * b_pair + 32 * v);
+#pragma GCC unroll 8
+    for (int k = 0; k < P; ++k) {
+      int32_t pair;
+      std::memcpy(&pair, a[k] + 2 * j * a_pair, sizeof pair);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+      for (int v = 0; v < NB; ++v) acc[k][v] = _mm512_dpbf16_ps(acc[k][v], av, bv[v]);
+    }
+  }
+}
+
 // For rows [0, rows) and 16-column vectors c0 < cols, out(row, c0, acc) with acc = the
 // sum over pairs j of a's pair (row, j) times b's pair row j, each pair one dot product:
 // a's pairs at a + 2 * (row * a_row + j * a_pair), b (pairs, RoundUp16(cols), 2).
@@ -996,32 +938,21 @@ void Bf16Gemm(int64_t rows, int64_t pairs, int64_t cols, const uint16_t* a, int6
   const int64_t c16 = RoundUp16(cols);
   ForBlocksOf8(rows, [&](auto block, int64_t r0) {
     constexpr int P = decltype(block)::value;
+    const uint16_t* a_rows[P];
+    for (int k = 0; k < P; ++k) a_rows[k] = a + 2 * (r0 + k) * a_row;
     ForVectorBlocks(c16 / 16, [&](auto vectors, int64_t v0) {
       constexpr int NB = decltype(vectors)::value;
       __m512 acc[P][NB];
       for (int k = 0; k < P; ++k)
         for (int v = 0; v < NB; ++v) acc[k][v] = _mm512_setzero_ps();
-      for (int64_t j = 0; j < pairs; ++j) {
-        __m512bh bv[NB];
-#pragma GCC unroll 4
-        for (int v = 0; v < NB; ++v)
-          bv[v] = (__m512bh)_mm512_loadu_si512(b + (j * c16 + (v0 + v) * 16) * 2);
-#pragma GCC unroll 8
-        for (int k = 0; k < P; ++k) {
-          int32_t pair;
-          std::memcpy(&pair, a + 2 * ((r0 + k) * a_row + j * a_pair), sizeof pair);
-          const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-#pragma GCC unroll 4
-          for (int v = 0; v < NB; ++v) acc[k][v] = _mm512_dpbf16_ps(acc[k][v], av, bv[v]);
-        }
-      }
+      Bf16Accumulate(a_rows, a_pair, pairs, b + 32 * v0, 2 * c16, acc);
       for (int k = 0; k < P; ++k)
         for (int v = 0; v < NB; ++v) out(r0 + k, (v0 + v) * 16, acc[k][v]);
     });
   });
 }
 
-// One image's y (pixels, f) = d (pixels, c) @ w, w packed in row pairs (PointwiseKernel);
+// One image's y (pixels, f) = d (pixels, c) @ w, w packed in row pairs (ConvKernel);
 // `scratch` holds d in bfloat16. Also the input gradient: dd = dy @ w^T with (f, c).
 void Bf16Pointwise(int64_t pixels, int64_t c, int64_t f, const float* d,
                    const uint16_t* packed, std::vector<uint16_t>& scratch, float* y) {
@@ -1031,6 +962,18 @@ void Bf16Pointwise(int64_t pixels, int64_t c, int64_t f, const float* d,
   Bf16Gemm(pixels, c2 / 2, f, scratch.data(), c2 / 2, 1, packed, [&](int64_t r, int64_t c0,
                                                                      __m512 v) {
     _mm512_mask_storeu_ps(y + r * f + c0, TailMask(f - c0), v);
+  });
+}
+
+// Adds a^T @ b to total (c, f), a and b (pairs, RoundUp16(c or f), 2) row pairs summed in
+// float32, added in float64: a kernel gradient, contracted over pixels.
+void Bf16AddProducts(int64_t c, int64_t pairs, int64_t f, const uint16_t* a, const uint16_t* b,
+                     double* total) {
+  Bf16Gemm(c, pairs, f, a, 1, RoundUp16(c), b, [&](int64_t r, int64_t c0, __m512 v) {
+    float sums[16];
+    _mm512_storeu_ps(sums, v);
+    const int64_t n = std::min<int64_t>(16, f - c0);
+    for (int64_t k = 0; k < n; ++k) total[r * f + c0 + k] += sums[k];
   });
 }
 
@@ -1044,15 +987,11 @@ void Bf16PointwiseKernelGrad(int64_t pixels, int64_t c, int64_t f, const float* 
   uint16_t* dy_pairs = d_pairs + pairs * c16 * 2;
   PackRowPairs(pixels, c, d, d_pairs);
   PackRowPairs(pixels, f, dy, dy_pairs);
-  Bf16Gemm(c, pairs, f, d_pairs, 1, c16, dy_pairs, [&](int64_t r, int64_t c0, __m512 v) {
-    float sums[16];
-    _mm512_storeu_ps(sums, v);
-    const int64_t n = std::min<int64_t>(16, f - c0);
-    for (int64_t k = 0; k < n; ++k) total[r * f + c0 + k] += sums[k];
-  });
+  Bf16AddProducts(c, pairs, f, d_pairs, dy_pairs, total);
 }
 #else
 #define S9_BF16_DOT 0
+#endif
 
 // x rounded to bfloat16: its upper 16 bits, to nearest, ties to even; NaN stays NaN.
 inline uint16_t Bf16Bits(float x) {
@@ -1070,25 +1009,27 @@ void RoundToBf16(int64_t n, const float* x, float* out) {
   }
 }
 
-#endif
-
-// A separable op's 1x1 kernel (rows, cols) as its products read it, prepared once per
-// call: as given, or with bf16 packed in row pairs (AVX512-BF16) or rounded (elsewhere).
-struct PointwiseKernel {
-  PointwiseKernel(const float* weights, int64_t rows, int64_t cols, bool bf16)
+// A conv's kernel, (taps, rows, cols) contracted over its rows, as its products read it,
+// prepared once per call: as given; with bf16, each tap's (rows, cols) packed in row pairs,
+// `tap_size` values a tap (AVX512-BF16), or rounded (elsewhere).
+struct ConvKernel {
+  ConvKernel(const float* weights, int64_t taps, int64_t rows, int64_t cols, bool bf16)
       : bf16(bf16), w(weights) {
     if (!bf16) return;
 #if S9_BF16_DOT
-    packed.resize((rows + 1) / 2 * RoundUp16(cols) * 2);
-    PackRowPairs(rows, cols, weights, packed.data());
+    tap_size = (rows + 1) / 2 * RoundUp16(cols) * 2;
+    packed.resize(taps * tap_size);
+    for (int64_t t = 0; t < taps; ++t)
+      PackRowPairs(rows, cols, weights + t * rows * cols, packed.data() + t * tap_size);
 #else
-    rounded.resize(rows * cols);
-    RoundToBf16(rows * cols, weights, rounded.data());
+    rounded.resize(taps * rows * cols);
+    RoundToBf16(taps * rows * cols, weights, rounded.data());
     w = rounded.data();
 #endif
   }
   bool bf16;
   const float* w;                 // The float32 kernels' operand.
+  int64_t tap_size = 0;
   std::vector<float> rounded;     // bf16 without AVX512-BF16.
   std::vector<uint16_t> packed;   // bf16 with it.
 };
@@ -1101,7 +1042,7 @@ struct PointwiseScratch {
 
 // One image's y (pixels, f) = d (pixels, c) @ kernel (c, f), gp the 1x1's geometry; with
 // bf16, d may be rounded in place.
-void PointwiseForwardImage(const Geometry& gp, int64_t f, const PointwiseKernel& kernel,
+void PointwiseForwardImage(const Geometry& gp, int64_t f, const ConvKernel& kernel,
                            float* d, PointwiseScratch& scratch, float* y) {
 #if S9_BF16_DOT
   if (kernel.bf16) return Bf16Pointwise(gp.h * gp.w, gp.c, f, d, kernel.packed.data(),
@@ -1115,7 +1056,7 @@ void PointwiseForwardImage(const Geometry& gp, int64_t f, const PointwiseKernel&
 // One image's 1x1 gradients for dy (pixels, f): the kernel's added to total (c, f), the
 // input's written to dd (pixels, c); `transposed` is the kernel as (f, c). With bf16, d
 // may be rounded in place. Taps in the padding (none for a 1x1) add to `trash`.
-void PointwiseBackwardImage(const Geometry& gp, int64_t f, const PointwiseKernel& transposed,
+void PointwiseBackwardImage(const Geometry& gp, int64_t f, const ConvKernel& transposed,
                             float* d, const float* dy, PointwiseScratch& scratch, float* trash,
                             float* dd, double* total) {
   const int64_t pixels = gp.h * gp.w;
@@ -1136,6 +1077,318 @@ void PointwiseBackwardImage(const Geometry& gp, int64_t f, const PointwiseKernel
   DenseInputGradImage(gp, f, dy, transposed.w, trash, dd);
 }
 
+// The dense convs with bfloat16 operands (attribute `bf16` = 1), as the separable ops'
+// 1x1: x (or dy) and the kernel rounded to bfloat16, their products summed in float32.
+// With AVX512-BF16 the forward and the input gradient, which contract over channels,
+// take two channels per dot product; the kernel gradient, which contracts over pixels,
+// runs the float32 kernel on rounded operands, as all three do on other CPUs.
+
+#if S9_BF16_DOT
+// The size of one axis of a conv's input padded so every index it reads, from -lo to
+// the last output's last tap, lies inside: the image then sits at lo.
+inline int64_t PaddedSize(int64_t in, int64_t out, int64_t k, int64_t s, int64_t d,
+                          int64_t lo) {
+  return std::max(in + lo, (out - 1) * s + (k - 1) * d + 1);
+}
+
+// One image x (h, w, c) as bfloat16 channel pairs into out (hp, wp, c2) at (ph, pw): the
+// border is not written (zero from its allocation, the same for every image).
+void PackPaddedImage(const Geometry& g, int64_t wp, const float* x, uint16_t* out) {
+  const int64_t c2 = g.c + (g.c & 1);
+  for (int64_t r = 0; r < g.h; ++r)
+    PackChannelPairs(g.w, g.c, x + r * g.w * g.c, out + ((r + g.ph) * wp + g.pw) * c2);
+}
+
+// One image's y, as DenseForwardImage, from xp (PackPaddedImage, width wp) and the
+// kernel packed per tap: P pixels of an output row by up to 3 vectors of 16 channels.
+void Bf16DenseForwardImage(const Geometry& g, int64_t cout, int64_t wp, const uint16_t* xp,
+                           const ConvKernel& kernel, float* y) {
+  const int64_t c2 = g.c + (g.c & 1), c16 = RoundUp16(cout);
+  for (int64_t p = 0; p < g.oh; ++p) {
+    ForBlocksOf8(g.ow, [&](auto pixels, int64_t q0) {
+      constexpr int P = decltype(pixels)::value;
+      const uint16_t* src[kMaxTaps][P];
+      int64_t live[kMaxTaps], num_live = 0;
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const bool row_in = g.InRow(p, i) >= 0;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const int64_t t = i * g.kw + j;
+          bool reads = false;
+          for (int k = 0; k < P; ++k) {
+            reads |= row_in && g.InCol(q0 + k, j) >= 0;
+            src[t][k] = xp + ((p * g.sh + i * g.dh) * wp + (q0 + k) * g.sw + j * g.dw) * c2;
+          }
+          if (reads) live[num_live++] = t;  // Taps wholly in the padding add nothing.
+        }
+      }
+      ForVectorBlocks(c16 / 16, [&](auto vectors, int64_t v0) {
+        constexpr int NB = decltype(vectors)::value;
+        __m512 acc[P][NB];
+        for (int k = 0; k < P; ++k)
+          for (int v = 0; v < NB; ++v) acc[k][v] = _mm512_setzero_ps();
+        for (int64_t l = 0; l < num_live; ++l) {
+          const int64_t t = live[l];
+          Bf16Accumulate(src[t], 1, c2 / 2, kernel.packed.data() + t * kernel.tap_size + 32 * v0,
+                         2 * c16, acc);
+        }
+        for (int k = 0; k < P; ++k)
+          for (int v = 0; v < NB; ++v) {
+            const int64_t c0 = (v0 + v) * 16;
+            _mm512_mask_storeu_ps(y + (p * g.ow + q0 + k) * cout + c0, TailMask(cout - c0),
+                                  acc[k][v]);
+          }
+      });
+    });
+  }
+}
+
+// The conv of every image of x (g) with the packed kernel into y (g.n, g.oh, g.ow, cout),
+// each thread padding and packing one image at a time.
+void Bf16DenseConv(ffi::ThreadPool& pool, const Geometry& g, int64_t cout, const float* x,
+                   const ConvKernel& kernel, float* y) {
+  const int64_t hp = PaddedSize(g.h, g.oh, g.kh, g.sh, g.dh, g.ph);
+  const int64_t wp = PaddedSize(g.w, g.ow, g.kw, g.sw, g.dw, g.pw);
+  const int64_t padded = hp * wp * (g.c + (g.c & 1)), chunks = NumChunks(pool, g.n);
+  std::vector<uint16_t> images(chunks * padded, 0);  // Each thread's padded image.
+  ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
+    uint16_t* xp = images.data() + chunk * padded;
+    for (int64_t n = begin; n < end; ++n) {
+      PackPaddedImage(g, wp, x + n * g.h * g.w * g.c, xp);
+      Bf16DenseForwardImage(g, cout, wp, xp, kernel, y + n * g.oh * g.ow * cout);
+    }
+  });
+}
+
+// One image's input gradient, as DenseInputGradImage, from dyp (dy as bfloat16 channel
+// pairs, (oh * ow, c2)) and the kernel as (taps, cout, cin) packed per tap; taps in the
+// padding add to `trash` (cin floats).
+void Bf16DenseInputGradImage(const Geometry& g, int64_t cout, const uint16_t* dyp,
+                             const ConvKernel& transposed, float* trash, float* dx) {
+  const int64_t cin = g.c, cout2 = cout + (cout & 1), c16 = RoundUp16(cin);
+  std::fill(dx, dx + g.h * g.w * cin, 0.0f);
+  for (int64_t p = 0; p < g.oh; ++p) {
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t r = g.InRow(p, i);
+      if (r < 0) continue;
+      ForBlocksOf8(g.ow, [&](auto pixels, int64_t q0) {
+        constexpr int P = decltype(pixels)::value;
+        const uint16_t* grad[P];
+        for (int k = 0; k < P; ++k) grad[k] = dyp + (p * g.ow + q0 + k) * cout2;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          float* dst[P];
+          bool writes = false;
+          for (int k = 0; k < P; ++k) {
+            const int64_t s = g.InCol(q0 + k, j);
+            writes |= s >= 0;
+            dst[k] = s >= 0 ? dx + (r * g.w + s) * cin : trash;
+          }
+          if (!writes) continue;
+          const uint16_t* wtap = transposed.packed.data() + (i * g.kw + j) * transposed.tap_size;
+          ForVectorBlocks(c16 / 16, [&](auto vectors, int64_t v0) {
+            constexpr int NB = decltype(vectors)::value;
+            __m512 acc[P][NB];
+            for (int k = 0; k < P; ++k)
+              for (int v = 0; v < NB; ++v) acc[k][v] = _mm512_setzero_ps();
+            Bf16Accumulate(grad, 1, cout2 / 2, wtap + 32 * v0, 2 * c16, acc);
+            for (int k = 0; k < P; ++k)
+              for (int v = 0; v < NB; ++v) {
+                const int64_t c0 = (v0 + v) * 16;
+                const __mmask16 m = TailMask(cin - c0);
+                float* out = dst[k] + c0;
+                _mm512_mask_storeu_ps(out, m,
+                                      _mm512_add_ps(_mm512_maskz_loadu_ps(m, out), acc[k][v]));
+              }
+          });
+        }
+      });
+    }
+  }
+}
+
+// Adds one image's kernel gradient to total (kh, kw, cin, cout), as DenseKernelGradImage,
+// from dyp (dy's output pixels in row pairs, PackRowPairs): per tap, the input pixels
+// those pairs read (zero in the padding) are packed the same way into xt.
+void Bf16DenseKernelGradImage(const Geometry& g, int64_t cout, const float* x,
+                              const uint16_t* dyp, uint16_t* xt, double* total) {
+  const int64_t pixels = g.oh * g.ow, cin = g.c;
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j) {
+      PackRowPairsOf(pixels, cin, [&](int64_t o) -> const float* {
+        const int64_t r = g.InRow(o / g.ow, i), s = g.InCol(o % g.ow, j);
+        return r >= 0 && s >= 0 ? x + (r * g.w + s) * cin : nullptr;
+      }, xt);
+      Bf16AddProducts(cin, (pixels + 1) / 2, cout, xt, dyp,
+                      total + (i * g.kw + j) * cin * cout);
+    }
+}
+#endif
+
+ffi::Error DenseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                        ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
+                        int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph, int64_t pw,
+                        int64_t ph_hi, int64_t pw_hi, int64_t bf16) {
+  constexpr char op[] = "s9_dense_forward";
+  auto xd = x.dimensions();
+  auto kd = kernel.dimensions();
+  auto yd = y->dimensions();
+  S9_RETURN_IF_ERROR(CheckRank(op, "x", xd, 4, kNhwc));
+  S9_RETURN_IF_ERROR(CheckRank(op, "kernel", kd, 4, "(KH, KW, CIN, COUT)"));
+  S9_RETURN_IF_ERROR(CheckRank(op, "y", yd, 4, kNhwc));
+  S9_RETURN_IF_ERROR(CheckSame(op, "kernel input channels", kd[2], "x channels", xd[3]));
+  S9_RETURN_IF_ERROR(CheckSame(op, "y batch", yd[0], "x batch", xd[0]));
+  S9_RETURN_IF_ERROR(CheckSame(op, "y channels", yd[3], "kernel output channels", kd[3]));
+  const Geometry g = MakeGeometry(xd, kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
+  S9_RETURN_IF_ERROR(CheckConv(op, g, ph_hi, pw_hi));
+  const int64_t cout = kd[3], image = g.h * g.w * g.c, out_image = g.oh * g.ow * cout;
+  const ConvKernel w(kernel.typed_data(), g.kh * g.kw, g.c, cout, bf16);
+  const int64_t chunks = NumChunks(pool, g.n);
+#if S9_BF16_DOT
+  if (bf16) {
+    Bf16DenseConv(pool, g, cout, x.typed_data(), w, y->typed_data());
+    return ffi::Error::Success();
+  }
+#endif
+  const std::vector<float> zeros(g.c, 0.0f);
+  std::vector<float> rounded(bf16 ? chunks * image : 0);  // Each thread's rounded image.
+  ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* xn = x.typed_data() + n * image;
+      if (bf16) {
+        RoundToBf16(image, xn, rounded.data() + chunk * image);
+        xn = rounded.data() + chunk * image;
+      }
+      DenseForwardImage(g, cout, xn, w.w, zeros.data(), y->typed_data() + n * out_image);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error DenseInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
+                          ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> dx,
+                          int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph,
+                          int64_t pw, int64_t ph_hi, int64_t pw_hi, int64_t bf16) {
+  constexpr char op[] = "s9_dense_input_grad";
+  auto xd = dx->dimensions();
+  auto kd = kernel.dimensions();
+  auto yd = dy.dimensions();
+  S9_RETURN_IF_ERROR(CheckRank(op, "dy", yd, 4, kNhwc));
+  S9_RETURN_IF_ERROR(CheckRank(op, "kernel", kd, 4, "(KH, KW, CIN, COUT)"));
+  S9_RETURN_IF_ERROR(CheckRank(op, "dx", xd, 4, kNhwc));
+  S9_RETURN_IF_ERROR(CheckSame(op, "dx batch", xd[0], "dy batch", yd[0]));
+  S9_RETURN_IF_ERROR(CheckSame(op, "kernel output channels", kd[3], "dy channels", yd[3]));
+  S9_RETURN_IF_ERROR(CheckSame(op, "dx channels", xd[3], "kernel input channels", kd[2]));
+  const Geometry g = MakeGeometry(xd, kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
+  S9_RETURN_IF_ERROR(CheckConv(op, g, ph_hi, pw_hi));
+  const int64_t cout = kd[3], image = g.h * g.w * g.c, out_pixels = g.oh * g.ow;
+  const int64_t taps = g.kh * g.kw;
+  std::vector<float> wt = TransposedKernel(kernel.typed_data(), taps, g.c, cout);
+#if S9_BF16_DOT
+  // Unstrided, the input gradient is the conv of dy, padded by (k - 1) * d - lo, with the
+  // kernel transposed and its taps reversed: the forward's kernel, whose sums stay in
+  // registers, where the strided form adds each tap's products to dx in memory.
+  const int64_t th = (g.kh - 1) * g.dh - g.ph, tw = (g.kw - 1) * g.dw - g.pw;
+  if (bf16 && g.sh == 1 && g.sw == 1 && th >= 0 && tw >= 0) {
+    std::reverse(wt.begin(), wt.end());  // Taps reversed, each (cout, cin) reversed too:
+    for (int64_t t = 0; t < taps; ++t)   // reverse those back.
+      std::reverse(wt.begin() + t * cout * g.c, wt.begin() + (t + 1) * cout * g.c);
+    const ConvKernel flipped(wt.data(), taps, cout, g.c, true);
+    const Geometry gt{g.n, g.oh, g.ow, cout, g.kh, g.kw, g.h, g.w, 1, 1, g.dh, g.dw, th, tw};
+    Bf16DenseConv(pool, gt, g.c, dy.typed_data(), flipped, dx->typed_data());
+    return ffi::Error::Success();
+  }
+#endif
+  const ConvKernel transposed(wt.data(), taps, cout, g.c, bf16);
+  const int64_t chunks = NumChunks(pool, g.n);
+  std::vector<float> trash(chunks * g.c);
+#if S9_BF16_DOT
+  if (bf16) {
+    const int64_t pairs = out_pixels * (cout + (cout & 1));
+    std::vector<uint16_t> grads(chunks * pairs);  // Each thread's dy in channel pairs.
+    ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
+      uint16_t* dyp = grads.data() + chunk * pairs;
+      for (int64_t n = begin; n < end; ++n) {
+        PackChannelPairs(out_pixels, cout, dy.typed_data() + n * out_pixels * cout, dyp);
+        Bf16DenseInputGradImage(g, cout, dyp, transposed, trash.data() + chunk * g.c,
+                                dx->typed_data() + n * image);
+      }
+    });
+    return ffi::Error::Success();
+  }
+#endif
+  const int64_t grad = out_pixels * cout;
+  std::vector<float> rounded(bf16 ? chunks * grad : 0);  // Each thread's rounded dy.
+  ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* dyn = dy.typed_data() + n * grad;
+      if (bf16) {
+        RoundToBf16(grad, dyn, rounded.data() + chunk * grad);
+        dyn = rounded.data() + chunk * grad;
+      }
+      DenseInputGradImage(g, cout, dyn, transposed.w, trash.data() + chunk * g.c,
+                          dx->typed_data() + n * image);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dkernel,
+                           int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph,
+                           int64_t pw, int64_t ph_hi, int64_t pw_hi, int64_t bf16) {
+  constexpr char op[] = "s9_dense_kernel_grad";
+  auto xd = x.dimensions();
+  auto kd = dkernel->dimensions();
+  auto yd = dy.dimensions();
+  S9_RETURN_IF_ERROR(CheckRank(op, "x", xd, 4, kNhwc));
+  S9_RETURN_IF_ERROR(CheckRank(op, "dy", yd, 4, kNhwc));
+  S9_RETURN_IF_ERROR(CheckRank(op, "dkernel", kd, 4, "(KH, KW, CIN, COUT)"));
+  S9_RETURN_IF_ERROR(CheckSame(op, "dy batch", yd[0], "x batch", xd[0]));
+  S9_RETURN_IF_ERROR(CheckSame(op, "dkernel input channels", kd[2], "x channels", xd[3]));
+  S9_RETURN_IF_ERROR(CheckSame(op, "dkernel output channels", kd[3], "dy channels", yd[3]));
+  const Geometry g = MakeGeometry(xd, kd[0], kd[1], yd[1], yd[2], sh, sw, dh, dw, ph, pw);
+  S9_RETURN_IF_ERROR(CheckConv(op, g, ph_hi, pw_hi));
+  const int64_t cout = kd[3], size = g.kh * g.kw * g.c * cout;
+  const int64_t chunks = NumChunks(pool, g.n);
+  const int64_t image = g.h * g.w * g.c, grad = g.oh * g.ow * cout;
+  std::vector<double> partial(chunks * size, 0.0);
+#if S9_BF16_DOT
+  if (bf16) {
+    const int64_t pairs = (g.oh * g.ow + 1) / 2;
+    // Each thread's dy and one tap's x, in pixel pairs.
+    const int64_t per_chunk = pairs * (RoundUp16(cout) + RoundUp16(g.c)) * 2;
+    std::vector<uint16_t> packed(chunks * per_chunk);
+    ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
+      uint16_t* dyp = packed.data() + chunk * per_chunk;
+      uint16_t* xt = dyp + pairs * RoundUp16(cout) * 2;
+      for (int64_t n = begin; n < end; ++n) {
+        PackRowPairs(g.oh * g.ow, cout, dy.typed_data() + n * grad, dyp);
+        Bf16DenseKernelGradImage(g, cout, x.typed_data() + n * image, dyp, xt,
+                                 partial.data() + chunk * size);
+      }
+    });
+    ReducePartials(partial, chunks, size, dkernel->typed_data());
+    return ffi::Error::Success();
+  }
+#endif
+  // Each thread's rounded image and dy.
+  std::vector<float> rounded(bf16 ? chunks * (image + grad) : 0);
+  ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* xn = x.typed_data() + n * image;
+      const float* dyn = dy.typed_data() + n * grad;
+      if (bf16) {
+        float* xr = rounded.data() + chunk * (image + grad);
+        RoundToBf16(image, xn, xr);
+        RoundToBf16(grad, dyn, xr + image);
+        xn = xr, dyn = xr + image;
+      }
+      DenseKernelGradImage(g, cout, xn, dyn, partial.data() + chunk * size);
+    }
+  });
+  ReducePartials(partial, chunks, size, dkernel->typed_data());
+  return ffi::Error::Success();
+}
+
 ffi::Error SeparableForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> prologue, ffi::Buffer<ffi::F32> depthwise,
                             ffi::Buffer<ffi::F32> pointwise, ffi::ResultBuffer<ffi::F32> y,
@@ -1154,7 +1407,7 @@ ffi::Error SeparableForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const bool normalise = prologue.dimensions()[0] > 0;
   const int64_t f = pd[1], mid = g.oh * g.ow * g.c, image = g.h * g.w * g.c;
   const TapIndex index = ForwardIndex(g);
-  const PointwiseKernel kernel(pointwise.typed_data(), g.c, f, bf16);
+  const ConvKernel kernel(pointwise.typed_data(), 1, g.c, f, bf16);
   const int64_t chunks = NumChunks(pool, g.n);
   // Each thread's depthwise output, and its normalised input with a prologue.
   const int64_t per_chunk = mid + (normalise ? image : 0);
@@ -1214,7 +1467,7 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t totals_size = depthwise_size + pointwise_size + sums;
   // The 1x1 kernel as (f, c), for its input gradient.
   const std::vector<float> transposed = TransposedKernel(pointwise.typed_data(), 1, c, f);
-  const PointwiseKernel transposed_kernel(transposed.data(), f, c, bf16);
+  const ConvKernel transposed_kernel(transposed.data(), 1, f, c, bf16);
   const TapIndex input_index = InputGradIndex(g), forward = ForwardIndex(g);
   const int64_t chunks = NumChunks(pool, g.n);
   std::vector<double> partial(chunks * totals_size, 0.0);
@@ -1351,7 +1604,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(S9DenseForward, DenseForward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
                                   .Arg<ffi::Buffer<ffi::F32>>()  // kernel (kh, kw, cin, cout)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y
-                                  S9_CONV_ATTRS);
+                                  S9_CONV_ATTRS.Attr<int64_t>("bf16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(S9DenseInputGrad, DenseInputGrad,
                               ffi::Ffi::Bind()
@@ -1359,7 +1612,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(S9DenseInputGrad, DenseInputGrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dy
                                   .Arg<ffi::Buffer<ffi::F32>>()  // kernel
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dx
-                                  S9_CONV_ATTRS);
+                                  S9_CONV_ATTRS.Attr<int64_t>("bf16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(S9DenseKernelGrad, DenseKernelGrad,
                               ffi::Ffi::Bind()
@@ -1367,7 +1620,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(S9DenseKernelGrad, DenseKernelGrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dy
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dkernel
-                                  S9_CONV_ATTRS);
+                                  S9_CONV_ATTRS.Attr<int64_t>("bf16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(S9SeparableForward, SeparableForward,
                               ffi::Ffi::Bind()
