@@ -26,6 +26,7 @@ def get_config(variant: str = ""):
     # The one recipe trick that measured above seed noise in fast.py's validation screens
     # (+0.65 points at 14 epochs, docs/benchmarks.md).
     c.whiten_stem = True
-    # fast.py's bfloat16 1x1s were screened on fast.py alone; best.py's figures are float32.
+    # fast.py's bfloat16 convs were screened on fast.py alone; best.py's figures are float32.
     c.model.pointwise_bf16 = False
+    c.model.dense_bf16 = False
   return c

@@ -34,7 +34,8 @@ def test_fast_network_is_the_base_network_with_the_stride_moved_into_the_stem():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
   base = models.create_model(load_config("base").model, conv_impl="lax")
   fast_model = load_config("fast").model
-  fast_model.pointwise_bf16 = False  # Its precision, not its geometry: tested below.
+  # Its precision, not its geometry: tested below.
+  fast_model.pointwise_bf16 = fast_model.dense_bf16 = False
   fast = models.create_model(fast_model, conv_impl="lax")
   variables = base.init({"params": jax.random.PRNGKey(1)}, x)
   assert (jax.tree.structure(fast.init({"params": jax.random.PRNGKey(1)}, x))
