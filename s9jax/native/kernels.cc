@@ -17,9 +17,9 @@
 // Portable C++17 for GCC and Clang on x86-64 and aarch64: vectors are GCC vector
 // extensions, which each target lowers to its own registers (AVX/AVX-512, NEON). Two
 // things are architecture-specific: the spin-wait hint, which has a form per target, and
-// the bfloat16 dot products of the separable ops' optional bfloat16 1x1 (AVX512-BF16
-// intrinsics where the compiler targets them, the float32 kernels on rounded operands
-// elsewhere).
+// the bfloat16 dot products of the separable ops' 1x1 and the dense convs, when asked
+// for (AVX512-BF16 intrinsics where the compiler targets them, the float32 kernels on
+// rounded operands elsewhere).
 // The handlers check their operands' ranks and shapes and their attributes before any
 // work and return an InvalidArgument error (a Python exception) for a call the kernels
 // would read or write out of bounds for.
@@ -1079,9 +1079,9 @@ void PointwiseBackwardImage(const Geometry& gp, int64_t f, const ConvKernel& tra
 
 // The dense convs with bfloat16 operands (attribute `bf16` = 1), as the separable ops'
 // 1x1: x (or dy) and the kernel rounded to bfloat16, their products summed in float32.
-// With AVX512-BF16 the forward and the input gradient, which contract over channels,
-// take two channels per dot product; the kernel gradient, which contracts over pixels,
-// runs the float32 kernel on rounded operands, as all three do on other CPUs.
+// With AVX512-BF16 the forward and the input gradient contract two channels per dot
+// product, the kernel gradient two output pixels; other CPUs run the float32 kernels on
+// rounded operands.
 
 #if S9_BF16_DOT
 // The size of one axis of a conv's input padded so every index it reads, from -lo to
