@@ -42,7 +42,7 @@ def get_config(variant: str = ""):
     c.model.pointwise_bf16 = True
     # And its dense 3x3 after the stem (Conv_1, 29% of its multiply-accumulates): 82.97
     # against 82.85% on validation over three seeds; its kernels run 1.1-1.6x faster
-    # alone, the whole step within 0.99-1.02x (docs/benchmarks.md).
+    # alone, the whole step ~1.04x (docs/benchmarks.md).
     c.model.dense_bf16 = True
   c.warmup_epochs = 1.0
   # A short run underfits more than it overfits: half the Affine rate, no CoarseDropout.
