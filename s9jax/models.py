@@ -175,10 +175,8 @@ class SeparableConv(nn.Module):
     x = conv(channels, (3, 3), strides=self.strides, padding=pad,
              kernel_dilation=self.dilation, feature_group_count=channels,
              name="depthwise")(x)
-    if self.pointwise_bf16:
-      pointwise = conv_factory(self.conv_impl, jnp.bfloat16)
-      return pointwise(self.features, (1, 1), name="pointwise")(x).astype(self.dtype)
-    return conv(self.features, (1, 1), name="pointwise")(x)
+    pointwise = conv_factory(self.conv_impl, self.dtype, self.pointwise_bf16)
+    return pointwise(self.features, (1, 1), name="pointwise")(x).astype(self.dtype)
 
 
 def global_average_pool(module: nn.Module, x):

@@ -868,10 +868,10 @@ void PackRowPairsOf(int64_t r, int64_t c, Row&& row, uint16_t* dst) {
                                               25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
                                               18, 2, 17, 1, 16, 0);
   for (int64_t p = 0; p < r; p += 2) {
+    const float* even_row = row(p);
+    const float* odd_row = p + 1 < r ? row(p + 1) : nullptr;
     for (int64_t c0 = 0; c0 < c16; c0 += 16) {
       const __mmask16 m = TailMask(c - c0);
-      const float* even_row = row(p);
-      const float* odd_row = p + 1 < r ? row(p + 1) : nullptr;
       const __m512 even = even_row ? _mm512_maskz_loadu_ps(m, even_row + c0) : _mm512_setzero_ps();
       const __m512 odd = odd_row ? _mm512_maskz_loadu_ps(m, odd_row + c0) : _mm512_setzero_ps();
       const __m512i pairs = (__m512i)_mm512_cvtne2ps_pbh(odd, even);
@@ -1007,6 +1007,15 @@ void RoundToBf16(int64_t n, const float* x, float* out) {
     const uint32_t u = static_cast<uint32_t>(Bf16Bits(x[i])) << 16;
     std::memcpy(out + i, &u, sizeof u);
   }
+}
+
+// src[0, n) as the float32 kernels read it: itself, or with bf16 rounded into
+// buffers[at, at + n).
+inline const float* Operand(bool bf16, int64_t n, const float* src,
+                            std::vector<float>& buffers, int64_t at) {
+  if (!bf16) return src;
+  RoundToBf16(n, src, buffers.data() + at);
+  return buffers.data() + at;
 }
 
 // A conv's kernel, (taps, rows, cols) contracted over its rows, as its products read it,
@@ -1252,11 +1261,7 @@ ffi::Error DenseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   std::vector<float> rounded(bf16 ? chunks * image : 0);  // Each thread's rounded image.
   ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const float* xn = x.typed_data() + n * image;
-      if (bf16) {
-        RoundToBf16(image, xn, rounded.data() + chunk * image);
-        xn = rounded.data() + chunk * image;
-      }
+      const float* xn = Operand(bf16, image, x.typed_data() + n * image, rounded, chunk * image);
       DenseForwardImage(g, cout, xn, w.w, zeros.data(), y->typed_data() + n * out_image);
     }
   });
@@ -1288,9 +1293,10 @@ ffi::Error DenseInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   // registers, where the strided form adds each tap's products to dx in memory.
   const int64_t th = (g.kh - 1) * g.dh - g.ph, tw = (g.kw - 1) * g.dw - g.pw;
   if (bf16 && g.sh == 1 && g.sw == 1 && th >= 0 && tw >= 0) {
-    std::reverse(wt.begin(), wt.end());  // Taps reversed, each (cout, cin) reversed too:
-    for (int64_t t = 0; t < taps; ++t)   // reverse those back.
-      std::reverse(wt.begin() + t * cout * g.c, wt.begin() + (t + 1) * cout * g.c);
+    const int64_t tap = cout * g.c;
+    for (int64_t t = 0; t < taps / 2; ++t)  // Taps reversed.
+      std::swap_ranges(wt.begin() + t * tap, wt.begin() + (t + 1) * tap,
+                       wt.begin() + (taps - 1 - t) * tap);
     const ConvKernel flipped(wt.data(), taps, cout, g.c, true);
     const Geometry gt{g.n, g.oh, g.ow, cout, g.kh, g.kw, g.h, g.w, 1, 1, g.dh, g.dw, th, tw};
     Bf16DenseConv(pool, gt, g.c, dy.typed_data(), flipped, dx->typed_data());
@@ -1319,11 +1325,7 @@ ffi::Error DenseInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   std::vector<float> rounded(bf16 ? chunks * grad : 0);  // Each thread's rounded dy.
   ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const float* dyn = dy.typed_data() + n * grad;
-      if (bf16) {
-        RoundToBf16(grad, dyn, rounded.data() + chunk * grad);
-        dyn = rounded.data() + chunk * grad;
-      }
+      const float* dyn = Operand(bf16, grad, dy.typed_data() + n * grad, rounded, chunk * grad);
       DenseInputGradImage(g, cout, dyn, transposed.w, trash.data() + chunk * g.c,
                           dx->typed_data() + n * image);
     }
@@ -1373,15 +1375,10 @@ ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   // Each thread's rounded image and dy.
   std::vector<float> rounded(bf16 ? chunks * (image + grad) : 0);
   ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
+    const int64_t at = chunk * (image + grad);
     for (int64_t n = begin; n < end; ++n) {
-      const float* xn = x.typed_data() + n * image;
-      const float* dyn = dy.typed_data() + n * grad;
-      if (bf16) {
-        float* xr = rounded.data() + chunk * (image + grad);
-        RoundToBf16(image, xn, xr);
-        RoundToBf16(grad, dyn, xr + image);
-        xn = xr, dyn = xr + image;
-      }
+      const float* xn = Operand(bf16, image, x.typed_data() + n * image, rounded, at);
+      const float* dyn = Operand(bf16, grad, dy.typed_data() + n * grad, rounded, at + image);
       DenseKernelGradImage(g, cout, xn, dyn, partial.data() + chunk * size);
     }
   });
