@@ -52,8 +52,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
-from jax.scipy import ndimage  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+
+from s9jax import ops  # noqa: E402
 
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
                "dog", "frog", "horse", "ship", "truck")
@@ -567,18 +568,15 @@ def device_augment(rng, images, aug_config, mean, std, flip=None):
                               indexing="ij")
     centre = jnp.asarray([(h - 1) / 2, (w - 1) / 2])
 
-    def warp(image, angle, scale, shift):
+    def source(angle, scale, shift):
       # Output pixel -> source pixel: undo the shift, then the rotation and scale about
       # the centre.
       dy, dx = rows - centre[0] - shift[0], cols - centre[1] - shift[1]
       cos, sin = jnp.cos(angle) / scale, jnp.sin(angle) / scale
-      src = jnp.stack([cos * dy - sin * dx + centre[0], sin * dy + cos * dx + centre[1]])
-      # map_coordinates wants a static border value: warp (image - fill) with 0 outside.
-      return jnp.stack([ndimage.map_coordinates(image[..., i] - fill[i], list(src), order=1,
-                                                mode="constant", cval=0.0) + fill[i]
-                        for i in range(c)], axis=-1)
+      return cos * dy - sin * dx + centre[0], sin * dy + cos * dx + centre[1]
 
-    warped = jax.vmap(warp)(x, angle, scale, shift)
+    # The sampler's border is 0: warp (image - fill), so the border is the fill.
+    warped = ops.bilinear_sample(x - fill, *jax.vmap(source)(angle, scale, shift)) + fill
     x = jnp.where(apply[:, None, None, None], warped, x)
 
   if aug_config.cutout_p > 0:

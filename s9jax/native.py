@@ -2,7 +2,8 @@
 memory-bound passes: depthwise convolution and BatchNorm's per-channel sums; dense
 3x3 convolutions, which XLA computes through a 9x wider im2col copy; and
 depthwise-separable convolutions as one op, whose depthwise output never goes to memory,
-optionally with the BatchNorm and ReLU before them (whose output then never does either).
+optionally with the BatchNorm and ReLU before them (whose output then never does either);
+and the device augmentation's bilinear warp, which XLA:CPU runs as gathers.
 
 Compiled with the system C++ compiler the first time they are asked for (a few seconds),
 into a cache keyed by the source, the compiler and its flags, jax's version and this CPU,
@@ -48,7 +49,8 @@ TARGETS = {"s9_depthwise_forward": "S9DepthwiseForward",
            "s9_dense_input_grad": "S9DenseInputGrad",
            "s9_dense_kernel_grad": "S9DenseKernelGrad",
            "s9_separable_forward": "S9SeparableForward",
-           "s9_separable_backward": "S9SeparableBackward"}
+           "s9_separable_backward": "S9SeparableBackward",
+           "s9_bilinear_sample": "S9BilinearSample"}
 MAX_TAPS = 16  # kMaxTaps in kernels.cc.
 
 _unavailable_reason = ""
@@ -250,3 +252,11 @@ def channel_sums(a, b, shift=None):
   shift = jnp.zeros((a.shape[-1],), jnp.float32) if shift is None else shift
   sums = jax.ffi.ffi_call("s9_channel_sums", out)(a, b, shift)
   return sums[0], sums[1]
+
+
+def bilinear_sample(x, rows, cols):
+  """x (N, H, W, C) float32 sampled at (rows, cols), each (N, H', W'), bilinear with 0
+  outside: `jax.scipy.ndimage.map_coordinates(order=1)` per image and channel. No
+  gradient (it serves the augmentation)."""
+  out = jax.ShapeDtypeStruct(rows.shape + x.shape[-1:], jnp.float32)
+  return jax.ffi.ffi_call("s9_bilinear_sample", out)(x, rows, cols)

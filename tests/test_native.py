@@ -192,6 +192,16 @@ BAD_CALLS = {
                          r"padding must be non-negative, got \(\(1, 1\), \(-1, 3\)\)"),
     "overflowing-padding": (depthwise_forward(pads=((2**62, 2**62), (1, 1))), [X, DW],
                             r"overflows int64"),
+    # The augmentation's sampler.
+    "bilinear-rows-rank-4": (native.bilinear_sample, [X, (2, 9, 9, 1), (2, 9, 9, 1)],
+                             r"s9_bilinear_sample: rows must have rank 3 \(N, H, W\)"),
+    "bilinear-cols-shape": (native.bilinear_sample, [X, (2, 9, 9), (2, 9, 8)],
+                            r"cols must have rows's shape \(2, 9, 9\), got \(2, 9, 8\)"),
+    "bilinear-batch": (native.bilinear_sample, [X, (3, 9, 9), (3, 9, 9)],
+                       r"rows batch \(3\) must equal x batch \(2\)"),
+    "bilinear-y-shape": (raw("s9_bilinear_sample", (2, 9, 9, 4), conv_attrs=False),
+                         [X, (2, 9, 9), (2, 9, 9)],
+                         r"y must have shape \(2, 9, 9, 8\), got \(2, 9, 9, 4\)"),
 }
 
 
@@ -303,3 +313,34 @@ def test_kernels_cross_compile_for_aarch64(tmp_path):
   assert int.from_bytes(elf[18:20], "little") == 183
   for symbol in native.TARGETS.values():
     assert symbol.encode() + b"\0" in elf  # The dynamic symbol table's names.
+
+
+def map_coordinates_per_channel(x, rows, cols):
+  """jax.scipy.ndimage.map_coordinates(order=1, constant 0) of each image and channel."""
+  def sample(image, r, q):
+    return jnp.stack([jax.scipy.ndimage.map_coordinates(image[..., k], [r, q], order=1,
+                                                        mode="constant")
+                      for k in range(image.shape[-1])], -1)
+  return jax.vmap(sample)(x, rows, cols)
+
+
+@NATIVE
+@pytest.mark.parametrize("shape,out_hw", [((3, 9, 7, 3), (6, 8)), ((2, 5, 5, 1), (5, 5))])
+def test_bilinear_sample_is_map_coordinates(shape, out_hw):
+  """The augmentation's C++ sampler against map_coordinates: coordinates inside, on the
+  edges and outside, integer ones, output sizes other than the input's."""
+  n, h, w, c = shape
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=shape).astype(np.float32) * 100
+  rows = rng.uniform(-2, h + 1, (n, *out_hw)).astype(np.float32)
+  cols = rng.uniform(-2, w + 1, (n, *out_hw)).astype(np.float32)
+  # Exact pixels, the far edges, half a pixel out, and a sample wholly outside.
+  rows[0, 0, :5] = [0, h - 1, -0.5, h - 0.5, -1.5]
+  cols[0, 0, :5] = [w - 1, 0, 2, 1, 1]
+  got = np.asarray(jax.jit(native.bilinear_sample)(x, rows, cols))
+  want = np.asarray(map_coordinates_per_channel(x, rows, cols))
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-4)
+  np.testing.assert_array_equal(got[0, 0, 0], x[0, 0, w - 1])
+  np.testing.assert_array_equal(got[0, 0, 1], x[0, h - 1, 0])
+  np.testing.assert_allclose(got[0, 0, 2], x[0, 0, 2] / 2, rtol=1e-6)  # Half the border's 0.
+  np.testing.assert_array_equal(got[0, 0, 4], 0)

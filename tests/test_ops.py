@@ -130,6 +130,24 @@ def test_auto_picks_by_backend_device_count_and_kernels(monkeypatch, backend, de
   assert ops.resolve("auto") == expected
 
 
+@pytest.mark.parametrize("impl", ["native", "fast"])
+def test_bilinear_sample_takes_the_kernel_where_auto_does(monkeypatch, impl):
+  """ops.bilinear_sample calls the C++ sampler exactly where resolve('auto') picks the C++
+  kernels, and map_coordinates elsewhere, with the same values."""
+  if impl == "native" and not native.available():
+    pytest.skip(f"no C++ kernels here: {native.unavailable_reason()}")
+  monkeypatch.setattr(ops, "resolve", lambda name: impl)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
+  rows, cols = (rng.uniform(-1, 6, (2, 6, 6)).astype(np.float32) for _ in range(2))
+  sample = jax.jit(lambda *args: ops.bilinear_sample(*args))  # Traced afresh for each impl.
+  assert ("s9_bilinear_sample" in sample.lower(x, rows, cols).as_text()) == (impl == "native")
+  want = [[jax.scipy.ndimage.map_coordinates(x[i, ..., k], [rows[i], cols[i]], order=1)
+           for k in range(3)] for i in range(2)]
+  np.testing.assert_allclose(sample(x, rows, cols), np.moveaxis(np.asarray(want), 1, -1),
+                             rtol=1e-6, atol=1e-5)
+
+
 def test_native_without_kernels_and_unknown_names_are_refused(monkeypatch):
   monkeypatch.setattr(native, "available", lambda: False)
   with pytest.raises(ValueError, match="'native' needs"):

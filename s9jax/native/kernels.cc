@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -1561,6 +1562,64 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   return ffi::Error::Success();
 }
 
+// y[n, i, j, :] = x[n] sampled at (rows[n, i, j], cols[n, i, j]) with bilinear weights,
+// the corners outside the image counting as 0: jax.scipy.ndimage.map_coordinates(order=1,
+// mode="constant", cval=0) of each image and channel, in its order of operations (the
+// corners' weight products, summed row-major). The device augmentation's warp
+// (input_pipeline.device_augment), which XLA:CPU computes as four gathers a channel:
+// ~5 ms for 128 CIFAR images, ~10x this pass.
+ffi::Error BilinearSample(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::F32> cols,
+                          ffi::ResultBuffer<ffi::F32> y) {
+  constexpr char op[] = "s9_bilinear_sample";
+  auto xd = x.dimensions(), rd = rows.dimensions(), yd = y->dimensions();
+  S9_RETURN_IF_ERROR(CheckRank(op, "x", xd, 4, kNhwc));
+  S9_RETURN_IF_ERROR(CheckRank(op, "rows", rd, 3, "(N, H, W)"));
+  S9_RETURN_IF_ERROR(CheckShape(op, "cols", cols.dimensions(), "rows", rd));
+  S9_RETURN_IF_ERROR(CheckSame(op, "rows batch", rd[0], "x batch", xd[0]));
+  S9_RETURN_IF_ERROR(CheckRank(op, "y", yd, 4, kNhwc));
+  if (yd[0] != rd[0] || yd[1] != rd[1] || yd[2] != rd[2] || yd[3] != xd[3]) {
+    return Invalid(op, "y must have shape (", rd[0], ", ", rd[1], ", ", rd[2], ", ", xd[3],
+                   "), got ", ShapeString(yd));
+  }
+  const int64_t n = xd[0], h = xd[1], w = xd[2], c = xd[3], pixels = rd[1] * rd[2];
+  const float* xs = x.typed_data();
+  const float* rs = rows.typed_data();
+  const float* qs = cols.typed_data();
+  float* ys = y->typed_data();
+  ParallelFor(pool, n, NumChunks(pool, n), [&](int64_t, int64_t begin, int64_t end) {
+    for (int64_t image = begin; image < end; ++image) {
+      const float* __restrict in = xs + image * h * w * c;
+      for (int64_t p = image * pixels; p < (image + 1) * pixels; ++p) {
+        const float r = rs[p], q = qs[p];
+        const float r_floor = std::floor(r), q_floor = std::floor(q);
+        const float r_up = r - r_floor, q_up = q - q_floor;
+        const float r_weight[2] = {1 - r_up, r_up}, q_weight[2] = {1 - q_up, q_up};
+        // Each corner's weight and offset; a corner outside the image (or at a NaN or
+        // far-off coordinate, checked before any float-to-int conversion) reads pixel 0
+        // with weight 0, so the channel loop below has no branches.
+        float weight[4];
+        int64_t at[4];
+        for (int a = 0; a < 2; ++a) {
+          for (int b = 0; b < 2; ++b) {
+            const bool inside = r_floor + a >= 0 && r_floor + a < h && q_floor + b >= 0 &&
+                                q_floor + b < w;
+            weight[2 * a + b] = inside ? r_weight[a] * q_weight[b] : 0.0f;
+            at[2 * a + b] = inside ? ((static_cast<int64_t>(r_floor) + a) * w +
+                                      static_cast<int64_t>(q_floor) + b) * c : 0;
+          }
+        }
+        float* __restrict out = ys + p * c;
+        for (int64_t k = 0; k < c; ++k) {
+          out[k] = weight[0] * in[at[0] + k] + weight[1] * in[at[1] + k] +
+                   weight[2] * in[at[2] + k] + weight[3] * in[at[3] + k];
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Strides, dilations, low padding and high padding, each (height, width).
@@ -1642,3 +1701,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(S9SeparableBackward, SeparableBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ddepthwise
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dpointwise
                                   S9_CONV_ATTRS.Attr<int64_t>("bf16"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(S9BilinearSample, BilinearSample,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x (n, h, w, c)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // rows (n, ho, wo)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cols (n, ho, wo)
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // y (n, ho, wo, c)
