@@ -558,22 +558,27 @@ def device_augment(rng, images, aug_config, mean, std, flip=None):
 
   if aug_config.affine_p > 0:
     ks, kr, kt, kp = jax.random.split(k_affine, 4)
+    # Albumentations' Affine draws: a rotation, a scale per axis (keep_ratio=False), and a
+    # shift per axis of int(fraction * size) whole pixels, truncated toward 0 (so with
+    # shift 0.05 at 32 px: 0 with p 0.625, else +-1).
     angle = jnp.deg2rad(jax.random.uniform(kr, (n,), minval=-aug_config.rotate,
                                            maxval=aug_config.rotate))
-    scale = jax.random.uniform(ks, (n,), minval=1 - aug_config.scale, maxval=1 + aug_config.scale)
-    shift = jax.random.uniform(kt, (n, 2), minval=-aug_config.shift,
-                               maxval=aug_config.shift) * jnp.asarray([h, w])
+    scale = jax.random.uniform(ks, (n, 2), minval=1 - aug_config.scale,
+                               maxval=1 + aug_config.scale)
+    shift = jnp.trunc(jax.random.uniform(kt, (n, 2), minval=-aug_config.shift,
+                                         maxval=aug_config.shift) * jnp.asarray([h, w]))
     apply = jax.random.uniform(kp, (n,)) < aug_config.affine_p
     rows, cols = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
                               indexing="ij")
     centre = jnp.asarray([(h - 1) / 2, (w - 1) / 2])
 
     def source(angle, scale, shift):
-      # Output pixel -> source pixel: undo the shift, then the rotation and scale about
-      # the centre.
+      # Output pixel -> source pixel: undo the shift, then the rotation, then each axis's
+      # scale, about the centre (Albumentations scales, rotates, then shifts).
       dy, dx = rows - centre[0] - shift[0], cols - centre[1] - shift[1]
-      cos, sin = jnp.cos(angle) / scale, jnp.sin(angle) / scale
-      return cos * dy - sin * dx + centre[0], sin * dy + cos * dx + centre[1]
+      cos, sin = jnp.cos(angle), jnp.sin(angle)
+      return ((cos * dy - sin * dx) / scale[0] + centre[0],
+              (sin * dy + cos * dx) / scale[1] + centre[1])
 
     # The sampler's border is 0: warp (image - fill), so the border is the fill.
     warped = ops.bilinear_sample(x - fill, *jax.vmap(source)(angle, scale, shift)) + fill
