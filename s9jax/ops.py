@@ -475,10 +475,10 @@ def bilinear_sample(images, rows, cols):
   """`images` (N, H, W, C) sampled at (`rows`, `cols`), each (N, H', W'): bilinear, 0
   outside the image, i.e. `jax.scipy.ndimage.map_coordinates(order=1, mode="constant")`
   per image and channel. Where `resolve("auto")` picks the C++ kernels, one C++ pass
-  (XLA:CPU runs map_coordinates as gathers, ~10x slower); no gradient either way is
+  (XLA:CPU runs map_coordinates as gathers, ~5x slower); no gradient either way is
   needed: it warps the device augmentation's images."""
   if resolve("auto") == "native":
-    return native.bilinear_sample(images.astype(jnp.float32), rows, cols)
+    return native.bilinear_sample(*(a.astype(jnp.float32) for a in (images, rows, cols)))
 
   def sample(image, rows, cols):
     return jnp.stack([jax.scipy.ndimage.map_coordinates(image[..., k], [rows, cols], order=1,

@@ -1567,7 +1567,7 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
 // mode="constant", cval=0) of each image and channel, in its order of operations (the
 // corners' weight products, summed row-major). The device augmentation's warp
 // (input_pipeline.device_augment), which XLA:CPU computes as four gathers a channel:
-// ~5 ms for 128 CIFAR images, ~10x this pass.
+// ~5 ms for 128 CIFAR images, ~5x this pass.
 ffi::Error BilinearSample(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::F32> cols,
                           ffi::ResultBuffer<ffi::F32> y) {
