@@ -547,7 +547,7 @@ def device_augment(rng, images, aug_config, mean, std, flip=None):
   `train_transform` and the host path's step. Same distributions, not the same draws.
   `flip` (bool per image), when given, replaces HorizontalFlip's draw
   (`augment.alternate_flip`)."""
-  n, h, w, c = images.shape
+  n, h, w, _ = images.shape
   fill = jnp.asarray(mean, jnp.float32) * 255.0
   x = images.astype(jnp.float32)
   k_flip, k_affine, k_cut = jax.random.split(rng, 3)
