@@ -16,6 +16,7 @@ import pytest
 from jax import lax
 
 from s9jax import native, ops
+from tests.test_ops import map_coordinates_per_channel
 from tests.test_ops import native_kernels  # noqa: F401  The `native` marker's fixture.
 
 NATIVE = pytest.mark.native
@@ -313,15 +314,6 @@ def test_kernels_cross_compile_for_aarch64(tmp_path):
   assert int.from_bytes(elf[18:20], "little") == 183
   for symbol in native.TARGETS.values():
     assert symbol.encode() + b"\0" in elf  # The dynamic symbol table's names.
-
-
-def map_coordinates_per_channel(x, rows, cols):
-  """jax.scipy.ndimage.map_coordinates(order=1, constant 0) of each image and channel."""
-  def sample(image, r, q):
-    return jnp.stack([jax.scipy.ndimage.map_coordinates(image[..., k], [r, q], order=1,
-                                                        mode="constant")
-                      for k in range(image.shape[-1])], -1)
-  return jax.vmap(sample)(x, rows, cols)
 
 
 @NATIVE
