@@ -181,10 +181,12 @@ def test_failed_native_build_says_why(monkeypatch, tmp_path):
 # The fused depthwise-separable op (the networks' SeparableConv with the C++ kernels)
 # against its two lax convs, on shapes that take every block of the kernels it composes:
 # 25 = 16 + 8 + 1 channels, 85 = 48 + 32 + 5 outputs; 5 channels, under 8, take the 1x1
-# kernel gradient's row path; odd, non-square maps; the networks' strides and dilations.
+# kernel gradient's row path; odd, non-square maps; the networks' strides and dilations;
+# 37 images of 4x4, whose 1x1 kernel gradient is summed over groups of 16 images, with a
+# short last group whether the batch is split between 1 thread or 2 (kKernelGradPixels).
 @NATIVE
 @pytest.mark.parametrize("x_shape,features", [((3, 9, 10, 25), 85), ((2, 11, 7, 5), 27),
-                                              ((2, 8, 8, 16), 16)])
+                                              ((2, 8, 8, 16), 16), ((37, 4, 4, 24), 40)])
 @pytest.mark.parametrize("stride,dilation,pad", [(1, 1, 1), (2, 2, 2), (1, 2, 2), (1, 1, 2)])
 def test_fused_separable_matches_two_lax_convs(x_shape, features, stride, dilation, pad):
   x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
@@ -219,10 +221,12 @@ def _round_to_bf16(a):
 # conv in float32, then the 1x1 of the rounded output and kernel; its kernel gradient from
 # the rounded output and output gradient, its input gradient from the rounded output
 # gradient and kernel. Shapes with odd channel and pixel counts (pairs padded with zero)
-# and outputs not a multiple of 16 (masked vectors).
+# and outputs not a multiple of 16 (masked vectors); 61 images of 3x3, whose kernel
+# gradient sums groups of 28 with a short last one, the pixel pairs straddling images.
 @NATIVE
 @pytest.mark.parametrize("x_shape,features,stride,dilation", [
-    ((3, 9, 10, 25), 85, 1, 1), ((2, 11, 7, 5), 27, 2, 2), ((2, 8, 8, 48), 48, 1, 1)])
+    ((3, 9, 10, 25), 85, 1, 1), ((2, 11, 7, 5), 27, 2, 2), ((2, 8, 8, 48), 48, 1, 1),
+    ((61, 3, 3, 8), 24, 1, 1)])
 def test_fused_separable_bf16_matches_rounded_operands(x_shape, features, stride, dilation):
   x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
   depthwise = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 1, x_shape[-1]))
@@ -233,7 +237,13 @@ def test_fused_separable_bf16_matches_rounded_operands(x_shape, features, stride
     return lax.conv_general_dilated(x, depthwise, geometry[0], geometry[2], None, geometry[1],
                                     DN, x.shape[-1], precision=lax.Precision.HIGHEST)
 
-  d, depthwise_vjp = jax.vjp(depthwise_conv, x, depthwise)
+  _, depthwise_vjp = jax.vjp(depthwise_conv, x, depthwise)
+  # The depthwise output as the op rounds it: its own C++ depthwise sums (tested against
+  # lax above), which may differ from lax's in the last bit, enough to round a value the
+  # other way.
+  d = ops.fast_conv_general_dilated(x, depthwise, geometry[0], geometry[2],
+                                    rhs_dilation=geometry[1], dimension_numbers=DN,
+                                    feature_group_count=x.shape[-1], use_native=True)
   w = _round_to_bf16(pointwise[0, 0])
   y_want = jnp.einsum("nhwc,cf->nhwf", _round_to_bf16(d), w, precision="highest")
   y, vjp = jax.vjp(lambda *a: ops.separable(*a, *geometry, bf16=True), x, depthwise, pointwise)
@@ -303,11 +313,12 @@ def test_bf16_convs_are_the_native_dense_ones_only():
 # residual block with the C++ kernels) against models.BatchNorm, ReLU and the two lax
 # convs: values, gradients of all four parameters, x's and the running statistics, in
 # both BatchNorm modes, on an off-centre x (so an uncentred sum would show) with channels
-# both sides of the ReLU.
+# both sides of the ReLU; 4x4 images in groups of 16 with a short last one, as above.
 @NATIVE
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("x_shape,features,stride,dilation", [
-    ((3, 9, 10, 25), 85, 1, 1), ((2, 11, 7, 5), 27, 2, 2), ((2, 8, 8, 16), 16, 1, 2)])
+    ((3, 9, 10, 25), 85, 1, 1), ((2, 11, 7, 5), 27, 2, 2), ((2, 8, 8, 16), 16, 1, 2),
+    ((37, 4, 4, 24), 40, 1, 1)])
 def test_separable_of_normalised_matches_batch_norm_relu_and_two_convs(
     x_shape, features, stride, dilation, train):
   channels = x_shape[-1]

@@ -11,8 +11,9 @@
 // innermost in vector registers, the conv's zero padding, stride and dilation handled by
 // index arithmetic instead of padded or sliced copies, and images split between XLA's
 // intra-op threads. On the 2-core dev machine memory traffic, not arithmetic, is what
-// these ops cost, so the backward reads each image's output gradient once for both
-// gradients, while it is in cache.
+// these ops cost, so the backward reads each image's output gradient for both
+// gradients while it is in cache (the separable op's 1x1 kernel gradient: a few small
+// images at a time, so that its sums are not written once per image).
 //
 // Portable C++17 for GCC and Clang on x86-64 and aarch64: vectors are GCC vector
 // extensions, which each target lowers to its own registers (AVX/AVX-512, NEON). Two
@@ -170,6 +171,9 @@ inline void ForChannelBlocks(int64_t c, F&& f) {
 }
 
 constexpr int64_t kMaxTaps = 16;  // kh * kw, checked by every handler (CheckConv).
+// The separable backward's 1x1 kernel gradient sums this many pixels or more (whole
+// images) in float32 before it adds them to its float64 total: a 16x16 map's, one image.
+constexpr int64_t kKernelGradPixels = 256;
 
 // The taps that reach one pixel: offsets (in floats) into the image read and into the
 // (kh, kw, c) kernel.
@@ -1063,28 +1067,45 @@ void PointwiseForwardImage(const Geometry& gp, int64_t f, const ConvKernel& kern
   DenseForwardImage(gp, f, d, kernel.w, nullptr, y);
 }
 
-// One image's 1x1 gradients for dy (pixels, f): the kernel's added to total (c, f), the
-// input's written to dd (pixels, c); `transposed` is the kernel as (f, c). With bf16, d
-// may be rounded in place. Taps in the padding (none for a 1x1) add to `trash`.
-void PointwiseBackwardImage(const Geometry& gp, int64_t f, const ConvKernel& transposed,
-                            float* d, const float* dy, PointwiseScratch& scratch, float* trash,
-                            float* dd, double* total) {
+// One image's 1x1 input gradient for dy (pixels, f), written to dd (pixels, c):
+// dd = dy @ w^T, `transposed` the kernel as (f, c). Taps in the padding (none for a 1x1)
+// add to `trash`.
+void PointwiseInputGradImage(const Geometry& gp, int64_t f, const ConvKernel& transposed,
+                             const float* dy, PointwiseScratch& scratch, float* trash,
+                             float* dd) {
   const int64_t pixels = gp.h * gp.w;
 #if S9_BF16_DOT
-  if (transposed.bf16) {
-    Bf16PointwiseKernelGrad(pixels, gp.c, f, d, dy, scratch.pairs, total);
-    return Bf16Pointwise(pixels, f, gp.c, dy, transposed.packed.data(), scratch.pairs, dd);
-  }
+  if (transposed.bf16) return Bf16Pointwise(pixels, f, gp.c, dy, transposed.packed.data(),
+                                            scratch.pairs, dd);
 #else
   if (transposed.bf16) {
-    RoundToBf16(pixels * gp.c, d, d);
     scratch.rounded.resize(pixels * f);
     RoundToBf16(pixels * f, dy, scratch.rounded.data());
     dy = scratch.rounded.data();
   }
 #endif
-  DenseKernelGradImage(gp, f, d, dy, total);
   DenseInputGradImage(gp, f, dy, transposed.w, trash, dd);
+}
+
+// The 1x1's kernel gradient over `pixels` rows, d (pixels, c)^T @ dy (pixels, f), added
+// to total (c, f): summed in float32 over the rows, added in float64. The rows may span
+// several images (a 1x1 conv sees each pixel alone), so its c x f sums, which cost as
+// much as the products on a 4x4 map, are written once for all of them. With bf16, d may
+// be rounded in place.
+void PointwiseKernelGrad(int64_t pixels, int64_t c, int64_t f, bool bf16, float* d,
+                         const float* dy, PointwiseScratch& scratch, double* total) {
+#if S9_BF16_DOT
+  if (bf16) return Bf16PointwiseKernelGrad(pixels, c, f, d, dy, scratch.pairs, total);
+#else
+  if (bf16) {
+    RoundToBf16(pixels * c, d, d);
+    scratch.rounded.resize(pixels * f);
+    RoundToBf16(pixels * f, dy, scratch.rounded.data());
+    dy = scratch.rounded.data();
+  }
+#endif
+  const Geometry rows{1, pixels, 1, c, 1, 1, pixels, 1, 1, 1, 1, 1, 0, 0};
+  DenseKernelGradImage(rows, f, d, dy, total);
 }
 
 // The dense convs with bfloat16 operands (attribute `bf16` = 1), as the separable ops'
@@ -1428,9 +1449,10 @@ ffi::Error SeparableForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 // All the gradients. Per image: the depthwise output again (from x, or from the
-// prologue's output, computed again too), the 1x1's kernel gradient and its input
-// gradient (the depthwise output's gradient), then the depthwise input and kernel
-// gradients from that; with a prologue, its input gradient and sums from the last.
+// prologue's output, computed again too), the 1x1's input gradient (the depthwise
+// output's gradient), then the depthwise input and kernel gradients from that; with a
+// prologue, its input gradient and sums from the last. The 1x1's kernel gradient, per
+// group of images, from their depthwise outputs.
 ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Buffer<ffi::F32> prologue, ffi::Buffer<ffi::F32> depthwise,
                              ffi::Buffer<ffi::F32> pointwise, ffi::Buffer<ffi::F32> dy,
@@ -1469,14 +1491,18 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const TapIndex input_index = InputGradIndex(g), forward = ForwardIndex(g);
   const int64_t chunks = NumChunks(pool, g.n);
   std::vector<double> partial(chunks * totals_size, 0.0);
-  // Each thread's depthwise output and its gradient; with a prologue, also its normalised
-  // input, that input's gradient and per-row sums.
-  const int64_t per_chunk = 2 * mid + (normalise ? 2 * image + sums : 0);
+  // The 1x1's kernel gradient is summed over groups of images of at least
+  // kKernelGradPixels pixels together (PointwiseKernelGrad), so each thread keeps the
+  // depthwise outputs of a group, and one image's depthwise output gradient; with a
+  // prologue, also its normalised input, that input's gradient and per-row sums.
+  const int64_t pixels = g.oh * g.ow;
+  const int64_t group = std::max<int64_t>(1, kKernelGradPixels / pixels);
+  const int64_t per_chunk = (group + 1) * mid + (normalise ? 2 * image + sums : 0);
   std::vector<float> between(chunks * per_chunk);
   std::vector<float> trash(chunks * c);
   ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
-    float* d = between.data() + chunk * per_chunk;
-    float* dd_image = d + mid;
+    float* d = between.data() + chunk * per_chunk;  // The group's depthwise outputs.
+    float* dd_image = d + group * mid;
     float* z = dd_image + mid;
     float* dz = z + image;
     float* row_sums = dz + image;
@@ -1484,24 +1510,28 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     double* total_pointwise = total_depthwise + depthwise_size;
     double* total_prologue = total_pointwise + pointwise_size;
     PointwiseScratch scratch;
-    for (int64_t n = begin; n < end; ++n) {
-      const float* xi = x.typed_data() + n * image;
-      const float* input = xi;  // What the depthwise conv reads.
-      float* dxi = dx->typed_data() + n * image;
-      if (normalise) {
-        NormaliseRelu(g.h * g.w, c, xi, prologue.typed_data(), z);
-        input = z;
+    for (int64_t n0 = begin; n0 < end; n0 += group) {
+      const int64_t n1 = std::min(end, n0 + group);
+      for (int64_t n = n0; n < n1; ++n) {
+        const float* xi = x.typed_data() + n * image;
+        const float* input = xi;  // What the depthwise conv reads.
+        float* dxi = dx->typed_data() + n * image;
+        if (normalise) {
+          NormaliseRelu(g.h * g.w, c, xi, prologue.typed_data(), z);
+          input = z;
+        }
+        GatherTaps(g, forward, input, depthwise.typed_data(), d + (n - n0) * mid);
+        PointwiseInputGradImage(gp, f, transposed_kernel, dy.typed_data() + n * pixels * f,
+                                scratch, trash.data() + chunk * c, dd_image);
+        GatherTaps(g, input_index, dd_image, depthwise.typed_data(), normalise ? dz : dxi);
+        ImageKernelGrad(g, forward, input, dd_image, total_depthwise);
+        if (normalise) {
+          NormaliseReluGrad(g.h, g.w, c, xi, z, dz, prologue.typed_data(), dxi, row_sums,
+                            total_prologue);
+        }
       }
-      const float* grad = dy.typed_data() + n * g.oh * g.ow * f;
-      GatherTaps(g, forward, input, depthwise.typed_data(), d);
-      PointwiseBackwardImage(gp, f, transposed_kernel, d, grad, scratch,
-                             trash.data() + chunk * c, dd_image, total_pointwise);
-      GatherTaps(g, input_index, dd_image, depthwise.typed_data(), normalise ? dz : dxi);
-      ImageKernelGrad(g, forward, input, dd_image, total_depthwise);
-      if (normalise) {
-        NormaliseReluGrad(g.h, g.w, c, xi, z, dz, prologue.typed_data(), dxi, row_sums,
-                          total_prologue);
-      }
+      PointwiseKernelGrad((n1 - n0) * pixels, c, f, transposed_kernel.bf16, d,
+                          dy.typed_data() + n0 * pixels * f, scratch, total_pointwise);
     }
   });
   std::vector<float> totals(totals_size);
