@@ -102,13 +102,34 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunks,
 }
 
 // out[k] = the float64 sum over chunks of partial[chunk * size + k], as float32.
-void ReducePartials(const std::vector<double>& partial, int64_t chunks, int64_t size,
-                    float* out) {
+void ReducePartials(const double* partial, int64_t chunks, int64_t size, float* out) {
   for (int64_t k = 0; k < size; ++k) {
     double s = 0.0;
     for (int64_t t = 0; t < chunks; ++t) s += partial[t * size + k];
     out[k] = static_cast<float>(s);
   }
+}
+
+// Buffers the separable ops and BatchNorm's sums reuse from call to call, one per thread
+// and Slot, each at the largest size asked of it: a handler's fresh vectors cost ~3.5% of
+// fast.py's train step in _int_malloc (perf, 24 px), where one malloc arena
+// (s9jax/host_memory.py) serves XLA's own blocks too. Slots tell apart the buffers a
+// handler holds at once on its calling thread; the chunk bodies keep their own.
+enum Slot { kPartialSlot, kBetweenSlot, kTrashSlot, kTotalsSlot, kTransposedSlot };
+
+template <typename T, Slot S>
+T* Reused(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
+// Reused, zero-filled: per-chunk sums.
+template <Slot S>
+double* ReusedZeros(int64_t n) {
+  double* p = Reused<double, S>(n);
+  std::fill(p, p + n, 0.0);
+  return p;
 }
 
 // Geometry of a depthwise conv: NHWC input (n, h, w, c), kernel (kh, kw, c), output
@@ -522,7 +543,7 @@ ffi::Error DepthwiseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                       partial.data() + chunk * size);
     }
   });
-  ReducePartials(partial, chunks, size, dkernel->typed_data());
+  ReducePartials(partial.data(), chunks, size, dkernel->typed_data());
   return ffi::Error::Success();
 }
 
@@ -612,14 +633,18 @@ void DenseForwardImage(const Geometry& g, int64_t cout, const float* x, const fl
   }
 }
 
-// A dense kernel (taps, cin, cout) as (taps, cout, cin): the layout the input gradient
-// (DenseInputGradImage) reads.
-std::vector<float> TransposedKernel(const float* w, int64_t taps, int64_t cin, int64_t cout) {
-  std::vector<float> wt(taps * cout * cin);
+// A dense kernel (taps, cin, cout) as (taps, cout, cin) into wt: the layout the input
+// gradient (DenseInputGradImage) reads.
+void TransposeKernel(const float* w, int64_t taps, int64_t cin, int64_t cout, float* wt) {
   for (int64_t t = 0; t < taps; ++t)
     for (int64_t ci = 0; ci < cin; ++ci)
       for (int64_t co = 0; co < cout; ++co)
         wt[(t * cout + co) * cin + ci] = w[(t * cin + ci) * cout + co];
+}
+
+std::vector<float> TransposedKernel(const float* w, int64_t taps, int64_t cin, int64_t cout) {
+  std::vector<float> wt(taps * cout * cin);
+  TransposeKernel(w, taps, cin, cout, wt.data());
   return wt;
 }
 
@@ -1390,7 +1415,7 @@ ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                  partial.data() + chunk * size);
       }
     });
-    ReducePartials(partial, chunks, size, dkernel->typed_data());
+    ReducePartials(partial.data(), chunks, size, dkernel->typed_data());
     return ffi::Error::Success();
   }
 #endif
@@ -1404,7 +1429,7 @@ ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       DenseKernelGradImage(g, cout, xn, dyn, partial.data() + chunk * size);
     }
   });
-  ReducePartials(partial, chunks, size, dkernel->typed_data());
+  ReducePartials(partial.data(), chunks, size, dkernel->typed_data());
   return ffi::Error::Success();
 }
 
@@ -1430,11 +1455,11 @@ ffi::Error SeparableForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t chunks = NumChunks(pool, g.n);
   // Each thread's depthwise output, and its normalised input with a prologue.
   const int64_t per_chunk = mid + (normalise ? image : 0);
-  std::vector<float> between(chunks * per_chunk);
+  float* between = Reused<float, kBetweenSlot>(chunks * per_chunk);
   ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
-    float* d = between.data() + chunk * per_chunk;
+    float* d = between + chunk * per_chunk;
     float* z = d + mid;
-    PointwiseScratch scratch;
+    thread_local PointwiseScratch scratch;
     for (int64_t n = begin; n < end; ++n) {
       const float* xi = x.typed_data() + n * image;
       if (normalise) {
@@ -1486,11 +1511,12 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t depthwise_size = g.kh * g.kw * c, pointwise_size = c * f;
   const int64_t totals_size = depthwise_size + pointwise_size + sums;
   // The 1x1 kernel as (f, c), for its input gradient.
-  const std::vector<float> transposed = TransposedKernel(pointwise.typed_data(), 1, c, f);
-  const ConvKernel transposed_kernel(transposed.data(), 1, f, c, bf16);
+  float* transposed = Reused<float, kTransposedSlot>(c * f);
+  TransposeKernel(pointwise.typed_data(), 1, c, f, transposed);
+  const ConvKernel transposed_kernel(transposed, 1, f, c, bf16);
   const TapIndex input_index = InputGradIndex(g), forward = ForwardIndex(g);
   const int64_t chunks = NumChunks(pool, g.n);
-  std::vector<double> partial(chunks * totals_size, 0.0);
+  double* partial = ReusedZeros<kPartialSlot>(chunks * totals_size);
   // The 1x1's kernel gradient is summed over groups of images of at least
   // kKernelGradPixels pixels together (PointwiseKernelGrad), so each thread keeps the
   // depthwise outputs of a group, and one image's depthwise output gradient; with a
@@ -1498,18 +1524,18 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t pixels = g.oh * g.ow;
   const int64_t group = std::max<int64_t>(1, kKernelGradPixels / pixels);
   const int64_t per_chunk = (group + 1) * mid + (normalise ? 2 * image + sums : 0);
-  std::vector<float> between(chunks * per_chunk);
-  std::vector<float> trash(chunks * c);
+  float* between = Reused<float, kBetweenSlot>(chunks * per_chunk);
+  float* trash = Reused<float, kTrashSlot>(chunks * c);
   ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
-    float* d = between.data() + chunk * per_chunk;  // The group's depthwise outputs.
+    float* d = between + chunk * per_chunk;  // The group's depthwise outputs.
     float* dd_image = d + group * mid;
     float* z = dd_image + mid;
     float* dz = z + image;
     float* row_sums = dz + image;
-    double* total_depthwise = partial.data() + chunk * totals_size;
+    double* total_depthwise = partial + chunk * totals_size;
     double* total_pointwise = total_depthwise + depthwise_size;
     double* total_prologue = total_pointwise + pointwise_size;
-    PointwiseScratch scratch;
+    thread_local PointwiseScratch scratch;
     for (int64_t n0 = begin; n0 < end; n0 += group) {
       const int64_t n1 = std::min(end, n0 + group);
       for (int64_t n = n0; n < n1; ++n) {
@@ -1522,7 +1548,7 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         }
         GatherTaps(g, forward, input, depthwise.typed_data(), d + (n - n0) * mid);
         PointwiseInputGradImage(gp, f, transposed_kernel, dy.typed_data() + n * pixels * f,
-                                scratch, trash.data() + chunk * c, dd_image);
+                                scratch, trash + chunk * c, dd_image);
         GatherTaps(g, input_index, dd_image, depthwise.typed_data(), normalise ? dz : dxi);
         ImageKernelGrad(g, forward, input, dd_image, total_depthwise);
         if (normalise) {
@@ -1534,12 +1560,12 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           dy.typed_data() + n0 * pixels * f, scratch, total_pointwise);
     }
   });
-  std::vector<float> totals(totals_size);
-  ReducePartials(partial, chunks, totals_size, totals.data());
-  std::copy(totals.begin(), totals.begin() + depthwise_size, ddepthwise->typed_data());
-  std::copy(totals.begin() + depthwise_size, totals.begin() + depthwise_size + pointwise_size,
+  float* totals = Reused<float, kTotalsSlot>(totals_size);
+  ReducePartials(partial, chunks, totals_size, totals);
+  std::copy(totals, totals + depthwise_size, ddepthwise->typed_data());
+  std::copy(totals + depthwise_size, totals + depthwise_size + pointwise_size,
             dpointwise->typed_data());
-  std::copy(totals.begin() + depthwise_size + pointwise_size, totals.end(),
+  std::copy(totals + depthwise_size + pointwise_size, totals + totals_size,
             dprologue->typed_data());
   return ffi::Error::Success();
 }
@@ -1567,10 +1593,12 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   const float* bs = b.typed_data();
   const float* __restrict shifts = shift.typed_data();
   const int64_t chunks = NumChunks(pool, rows);
-  std::vector<double> partial(chunks * 2 * c, 0.0);
+  double* partial = ReusedZeros<kPartialSlot>(chunks * 2 * c);
   ParallelFor(pool, rows, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
-    std::vector<float> sum_b(c), sum_ab(c);
-    double* total = partial.data() + chunk * 2 * c;
+    thread_local std::vector<float> sum_b, sum_ab;
+    sum_b.resize(c);
+    sum_ab.resize(c);
+    double* total = partial + chunk * 2 * c;
     for (int64_t r = begin; r < end; ++r) {
       std::fill(sum_b.begin(), sum_b.end(), 0.0f);
       std::fill(sum_ab.begin(), sum_ab.end(), 0.0f);
