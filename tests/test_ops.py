@@ -183,10 +183,13 @@ def test_failed_native_build_says_why(monkeypatch, tmp_path):
 # 25 = 16 + 8 + 1 channels, 85 = 48 + 32 + 5 outputs; 5 channels, under 8, take the 1x1
 # kernel gradient's row path; odd, non-square maps; the networks' strides and dilations;
 # 37 images of 4x4, whose 1x1 kernel gradient is summed over groups of 16 images, with a
-# short last group whether the batch is split between 1 thread or 2 (kKernelGradPixels).
+# short last group whether the batch is split between 1 thread or 2 (kKernelGradPixels);
+# 256 -> 256 channels, whose per-thread sums on 2 threads (1.1 MB) are the call's own
+# buffer, not one kept from call to call (kKeptBytes).
 @NATIVE
 @pytest.mark.parametrize("x_shape,features", [((3, 9, 10, 25), 85), ((2, 11, 7, 5), 27),
-                                              ((2, 8, 8, 16), 16), ((37, 4, 4, 24), 40)])
+                                              ((2, 8, 8, 16), 16), ((37, 4, 4, 24), 40),
+                                              ((2, 3, 3, 256), 256)])
 @pytest.mark.parametrize("stride,dilation,pad", [(1, 1, 1), (2, 2, 2), (1, 2, 2), (1, 1, 2)])
 def test_fused_separable_matches_two_lax_convs(x_shape, features, stride, dilation, pad):
   x = jax.random.normal(jax.random.PRNGKey(0), x_shape)

@@ -110,27 +110,32 @@ void ReducePartials(const double* partial, int64_t chunks, int64_t size, float* 
   }
 }
 
-// Buffers the separable ops and BatchNorm's sums reuse from call to call, one per thread
-// and Slot, each at the largest size asked of it: a handler's fresh vectors cost ~3.5% of
-// fast.py's train step in _int_malloc (perf, 24 px), where one malloc arena
-// (s9jax/host_memory.py) serves XLA's own blocks too. Slots tell apart the buffers a
-// handler holds at once on its calling thread; the chunk bodies keep their own.
+// A buffer of n T's for one call of a handler, from the calling thread's buffer for
+// Slot S, kept from call to call: fresh vectors cost ~3.5% of fast.py's train step in
+// _int_malloc (perf, 24 px), where one malloc arena (s9jax/host_memory.py) serves XLA's
+// blocks too. Sizes grow with the thread count (chunks), so a buffer over kKeptBytes is
+// the call's own, freed on return: otherwise each thread of a many-core host would keep
+// its largest. Slots tell apart the buffers a handler holds at once on its calling
+// thread; the chunk bodies keep their own.
 enum Slot { kPartialSlot, kBetweenSlot, kTrashSlot, kTotalsSlot, kTransposedSlot };
+constexpr int64_t kKeptBytes = int64_t{1} << 20;  // A 2-core step's largest is ~0.5 MB.
 
 template <typename T, Slot S>
-T* Reused(int64_t n) {
-  thread_local std::vector<T> buffer;
-  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
-  return buffer.data();
-}
+class CallBuffer {
+ public:
+  explicit CallBuffer(int64_t n, bool zero = false) {
+    thread_local std::vector<T> kept;
+    std::vector<T>& buffer = n * static_cast<int64_t>(sizeof(T)) <= kKeptBytes ? kept : own_;
+    if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+    data_ = buffer.data();
+    if (zero) std::fill(data_, data_ + n, T(0));
+  }
+  T* get() const { return data_; }
 
-// Reused, zero-filled: per-chunk sums.
-template <Slot S>
-double* ReusedZeros(int64_t n) {
-  double* p = Reused<double, S>(n);
-  std::fill(p, p + n, 0.0);
-  return p;
-}
+ private:
+  std::vector<T> own_;
+  T* data_;
+};
 
 // Geometry of a depthwise conv: NHWC input (n, h, w, c), kernel (kh, kw, c), output
 // (n, oh, ow, c); output pixel (p, q) tap (i, j) reads input (p*sh - ph + i*dh, ...).
@@ -1455,7 +1460,8 @@ ffi::Error SeparableForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t chunks = NumChunks(pool, g.n);
   // Each thread's depthwise output, and its normalised input with a prologue.
   const int64_t per_chunk = mid + (normalise ? image : 0);
-  float* between = Reused<float, kBetweenSlot>(chunks * per_chunk);
+  const CallBuffer<float, kBetweenSlot> between_buffer(chunks * per_chunk);
+  float* between = between_buffer.get();
   ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
     float* d = between + chunk * per_chunk;
     float* z = d + mid;
@@ -1511,12 +1517,14 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t depthwise_size = g.kh * g.kw * c, pointwise_size = c * f;
   const int64_t totals_size = depthwise_size + pointwise_size + sums;
   // The 1x1 kernel as (f, c), for its input gradient.
-  float* transposed = Reused<float, kTransposedSlot>(c * f);
+  const CallBuffer<float, kTransposedSlot> transposed_buffer(c * f);
+  float* transposed = transposed_buffer.get();
   TransposeKernel(pointwise.typed_data(), 1, c, f, transposed);
   const ConvKernel transposed_kernel(transposed, 1, f, c, bf16);
   const TapIndex input_index = InputGradIndex(g), forward = ForwardIndex(g);
   const int64_t chunks = NumChunks(pool, g.n);
-  double* partial = ReusedZeros<kPartialSlot>(chunks * totals_size);
+  const CallBuffer<double, kPartialSlot> partial_buffer(chunks * totals_size, true);
+  double* partial = partial_buffer.get();
   // The 1x1's kernel gradient is summed over groups of images of at least
   // kKernelGradPixels pixels together (PointwiseKernelGrad), so each thread keeps the
   // depthwise outputs of a group, and one image's depthwise output gradient; with a
@@ -1524,8 +1532,10 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t pixels = g.oh * g.ow;
   const int64_t group = std::max<int64_t>(1, kKernelGradPixels / pixels);
   const int64_t per_chunk = (group + 1) * mid + (normalise ? 2 * image + sums : 0);
-  float* between = Reused<float, kBetweenSlot>(chunks * per_chunk);
-  float* trash = Reused<float, kTrashSlot>(chunks * c);
+  const CallBuffer<float, kBetweenSlot> between_buffer(chunks * per_chunk);
+  const CallBuffer<float, kTrashSlot> trash_buffer(chunks * c);
+  float* between = between_buffer.get();
+  float* trash = trash_buffer.get();
   ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
     float* d = between + chunk * per_chunk;  // The group's depthwise outputs.
     float* dd_image = d + group * mid;
@@ -1560,7 +1570,8 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           dy.typed_data() + n0 * pixels * f, scratch, total_pointwise);
     }
   });
-  float* totals = Reused<float, kTotalsSlot>(totals_size);
+  const CallBuffer<float, kTotalsSlot> totals_buffer(totals_size);
+  float* totals = totals_buffer.get();
   ReducePartials(partial, chunks, totals_size, totals);
   std::copy(totals, totals + depthwise_size, ddepthwise->typed_data());
   std::copy(totals + depthwise_size, totals + depthwise_size + pointwise_size,
@@ -1593,7 +1604,8 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   const float* bs = b.typed_data();
   const float* __restrict shifts = shift.typed_data();
   const int64_t chunks = NumChunks(pool, rows);
-  double* partial = ReusedZeros<kPartialSlot>(chunks * 2 * c);
+  const CallBuffer<double, kPartialSlot> partial_buffer(chunks * 2 * c, true);
+  double* partial = partial_buffer.get();
   ParallelFor(pool, rows, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
     thread_local std::vector<float> sum_b, sum_ab;
     sum_b.resize(c);
