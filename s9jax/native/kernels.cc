@@ -1082,6 +1082,13 @@ struct ConvKernel {
 struct PointwiseScratch {
   std::vector<uint16_t> pairs;
   std::vector<float> rounded;
+
+  // x[0, n) rounded to bfloat16 into `rounded` (the float32 kernels' bf16 operand).
+  const float* Rounded(int64_t n, const float* x) {
+    rounded.resize(n);
+    RoundToBf16(n, x, rounded.data());
+    return rounded.data();
+  }
 };
 
 // One image's y (pixels, f) = d (pixels, c) @ kernel (c, f), gp the 1x1's geometry; with
@@ -1108,11 +1115,7 @@ void PointwiseInputGradImage(const Geometry& gp, int64_t f, const ConvKernel& tr
   if (transposed.bf16) return Bf16Pointwise(pixels, f, gp.c, dy, transposed.packed.data(),
                                             scratch.pairs, dd);
 #else
-  if (transposed.bf16) {
-    scratch.rounded.resize(pixels * f);
-    RoundToBf16(pixels * f, dy, scratch.rounded.data());
-    dy = scratch.rounded.data();
-  }
+  if (transposed.bf16) dy = scratch.Rounded(pixels * f, dy);
 #endif
   DenseInputGradImage(gp, f, dy, transposed.w, trash, dd);
 }
@@ -1129,9 +1132,7 @@ void PointwiseKernelGrad(int64_t pixels, int64_t c, int64_t f, bool bf16, float*
 #else
   if (bf16) {
     RoundToBf16(pixels * c, d, d);
-    scratch.rounded.resize(pixels * f);
-    RoundToBf16(pixels * f, dy, scratch.rounded.data());
-    dy = scratch.rounded.data();
+    dy = scratch.Rounded(pixels * f, dy);
   }
 #endif
   const Geometry rows{1, pixels, 1, c, 1, 1, pixels, 1, 1, 1, 1, 1, 0, 0};
