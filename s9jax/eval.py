@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from s9jax import host_memory, inference, input_pipeline, plots, train
+from s9jax import compilation_cache, host_memory, inference, input_pipeline, plots, train
 
 FLAGS = flags.FLAGS
 
@@ -58,6 +58,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   host_memory.reuse_freed_memory()  # Before JAX starts its CPU client.
+  compilation_cache.enable(FLAGS.compilation_cache_dir)
   try:
     config = FLAGS.config if "config" in FLAGS else None  # None: the workdir's config.json.
     result = evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint)
@@ -89,6 +90,7 @@ def define_flags(with_config: bool = True):
                                     "the workdir's config.json.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Training workdir holding config.json and checkpoints/.")
   flags.DEFINE_string("checkpoint", "final", f"Which checkpoint: {inference.CHECKPOINTS}.")
+  train.define_compilation_cache_flag()
 
 
 if __name__ == "__main__":

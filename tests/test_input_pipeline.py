@@ -105,9 +105,11 @@ def test_train_transform_keeps_shape_and_uint8_and_changes_nothing_undrawn():
   image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
   out = transform(image=image)["image"]
   assert out.shape == (32, 32, 3) and out.dtype == np.uint8  # The step normalises.
-  # With nothing random drawn, the image itself (Resize to its own size is exact).
+  # With nothing random drawn, the image itself; resized only to another size.
   plain = input_pipeline.train_transform(only(), MEAN, STD)(image=image)["image"]
   np.testing.assert_array_equal(plain, image)
+  out = input_pipeline.train_transform(only(image_size=24), MEAN, STD)(image=image)["image"]
+  np.testing.assert_array_equal(out, A.Resize(24, 24)(image=image)["image"])
 
 
 def test_normalize_batch_is_albumentations_normalize_on_host_and_in_jit():

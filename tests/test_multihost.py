@@ -278,6 +278,7 @@ def cli(monkeypatch):
     train.define_flags()
   calls = []
   monkeypatch.setattr(train.host_memory, "reuse_freed_memory", lambda: False)
+  monkeypatch.setattr(train.compilation_cache, "enable", lambda flag_value: None)
   monkeypatch.setattr(train.jax.distributed, "initialize",
                       lambda **kwargs: calls.append(("initialize", kwargs)))
   monkeypatch.setattr(train.jax.config, "update", lambda *a: calls.append(("update", a)))

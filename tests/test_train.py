@@ -324,15 +324,15 @@ def test_a_run_that_cannot_start_leaves_the_workdir_usable(tiny_archive, tmp_pat
   assert [r["epoch"] for r in records] == [1]
 
 
-def run_module(module, *args) -> subprocess.CompletedProcess:
+def run_module(module, *args, env=None) -> subprocess.CompletedProcess:
   """`python -m module args` from the checkout, as a user would run it."""
-  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
   return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
 
 
-def run_cli(module, *args):
-  result = run_module(module, *args)
+def run_cli(module, *args, env=None):
+  result = run_module(module, *args, env=env)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   return result.stdout
 
@@ -348,13 +348,16 @@ def tiny_cli_flags(tiny_archive, data_dir, work, *extra):
 
 
 def test_cli_trains_resumes_and_eval_restores_the_same_accuracy(tiny_archive, tmp_path):
-  work = tmp_path / "work"
+  work, cache = tmp_path / "work", tmp_path / "compiled"
   flags = tiny_cli_flags(tiny_archive, tmp_path / "tfds", work)
-  out = run_cli("s9jax.train", *flags)
+  out = run_cli("s9jax.train", *flags, f"--compilation_cache_dir={cache}",
+                env={"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
   assert "S9 rules PASS" in out and "epoch   1" in out
   assert "backend cpu" in out.splitlines()[0] and "conv_impl 'auto' -> " in out.splitlines()[0]
   for name in ("augmentations.png", "learning_curves.png", "misclassified.png", "config.json"):
     assert (work / name).exists(), name
+  # Its compiled programs where it was told, the train step's among them.
+  assert any(p.name.startswith("jit__train_step") for p in cache.iterdir())
 
   out = run_cli("s9jax.train", *flags, "--config.num_epochs=2")
   assert "Resumed from" in out and "epoch   2" in out and "epoch   1 " not in out
