@@ -10,10 +10,10 @@ kernel build needs no new entry: the programs name the C++ kernels, which are lo
 when a program is loaded.
 
 Where: `--compilation_cache_dir` when given ('' turns the cache off); else JAX's own
-JAX_COMPILATION_CACHE_DIR when set (the tests give each run its own); else
-$XDG_CACHE_HOME/s9jax/jax (~/.cache/s9jax/jax). Entries are a few hundred KB; the
-directory is capped at MAX_BYTES, least recently used first out (JAX's own eviction,
-which takes a file lock, so runs sharing the directory never read a half-written entry).
+JAX_COMPILATION_CACHE_DIR when set (the tests give each run its own); else jax/ in the
+C++ kernels' cache, ~/.cache/s9jax (S9JAX_CACHE moves both). Entries are a few hundred
+KB; the directory is capped at MAX_BYTES, least recently used first out (JAX's own
+eviction, which takes a file lock, so runs sharing it never read a half-written entry).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import sys
 
 import jax
 
+from s9jax import native
+
 MAX_BYTES = 1 << 30
 # JAX's default writes only programs that took over 1 s to compile; the evaluation's
 # (~1 s here) falls either side of that. Below 0.2 s a program is cheaper to recompile
@@ -31,16 +33,11 @@ MAX_BYTES = 1 << 30
 MIN_COMPILE_SECONDS = 0.2
 
 
-def default_dir() -> pathlib.Path:
-  cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-  return pathlib.Path(cache_home).expanduser() / "s9jax" / "jax"
-
-
 def resolve(flag_value: str | None) -> str | None:
   """The directory to use, or None for no cache (see the module docstring)."""
   if flag_value is not None:
     return str(pathlib.Path(flag_value).expanduser()) if flag_value else None
-  return os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(default_dir())
+  return os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(native.cache_dir() / "jax")
 
 
 def enable(flag_value: str | None) -> str | None:

@@ -3,6 +3,7 @@ shared JPEG copy when it is beside the checkout)."""
 
 import io
 import os
+import pathlib
 import tarfile
 import zipfile
 from collections import Counter
@@ -31,6 +32,27 @@ def test_offline_source_reads_a_tar_archive_with_cifar_labels(tiny_archive, tmp_
   test_images, test_labels = input_pipeline.load_split(config.data, "test")
   assert len(test_images) == 20
   assert_labels_follow_cifar_order(test_images, test_labels)
+
+
+def test_a_split_is_decoded_once_then_read_back_until_the_copy_is_prepared_again(
+    tiny_archive, tmp_path, monkeypatch):
+  config = tiny_config(tiny_archive, tmp_path / "tfds")
+  first = input_pipeline.load_split(config.data, "train")
+  decoded = []
+  real = input_pipeline._decode
+  monkeypatch.setattr(input_pipeline, "_decode", lambda source: decoded.append(1) or real(source))
+  again = input_pipeline.load_split(config.data, "train")
+  assert decoded == []  # Read back, not decoded.
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == b.dtype
+  # A prepared copy newer than the kept arrays: decoded anew, and kept again.
+  folder = pathlib.Path(input_pipeline.prepare(config.data).data_dir)
+  prepared = (folder / "dataset_info.json").stat().st_mtime_ns
+  os.utime(folder / "s9jax_train.npz", ns=(prepared - 1, prepared - 1))
+  input_pipeline.load_split(config.data, "train")
+  input_pipeline.load_split(config.data, "train")
+  assert decoded == [1]
 
 
 @pytest.mark.parametrize("kind", ["zip", "directory"])
