@@ -33,6 +33,7 @@ import signal
 import stat
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import urllib.error
@@ -500,14 +501,17 @@ def _decoded_once(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
     pass  # Not there yet, or unreadable: decode again.
   images, labels = _decode(builder.as_data_source(split=split))
-  part = folder / f".s9jax_{split}.{os.getpid()}.npz"
-  try:
-    np.savez(part, images=images, labels=labels)
+  part = None
+  try:  # A name of its own: hosts sharing the folder may write at the same time.
+    handle, part = tempfile.mkstemp(prefix=f".s9jax_{split}.", suffix=".npz", dir=folder)
+    with os.fdopen(handle, "wb") as f:
+      np.savez(f, images=images, labels=labels)
     os.replace(part, kept)  # Whole or not at all, for runs reading it at the same time.
   except OSError:
     pass
   finally:
-    part.unlink(missing_ok=True)
+    if part is not None:
+      pathlib.Path(part).unlink(missing_ok=True)
   return images, labels
 
 
