@@ -671,6 +671,14 @@ def test_progressive_resizing_trains_small_then_validates_every_epoch_and_tests_
 
   monkeypatch.setattr(train, "train_step_on_host_batch", recording_step)
   monkeypatch.setattr(train, "evaluate", recording_evaluate)
+  drawn, draw = [], train.plots.learning_curves
+
+  def recording_draw(path, records, *args):
+    drawn.append(len(records))
+    return draw(path, records, *args)
+
+  monkeypatch.setattr(train.plots, "learning_curves", recording_draw)
+  monkeypatch.setattr(train, "CURVES_EVERY_SECONDS", 3600.0)
   work = tmp_path / "work"
   records = train.train_and_evaluate(config, work)
   per_epoch = len(seen) // 3
@@ -684,7 +692,8 @@ def test_progressive_resizing_trains_small_then_validates_every_epoch_and_tests_
   best = max(records, key=lambda r: r["val_accuracy"])  # First of equals, as Orbax keeps.
   assert manager.best_step() == best["step"]
   manager.close()
-  assert (work / "learning_curves.png").exists()
+  # The curves after the first epoch, then not again within the hour but after the last.
+  assert drawn == [1, 3] and (work / "learning_curves.png").exists()
 
 
 def test_translate_tta_averages_shifted_and_mirrored_logits(tiny_archive, tmp_path):
