@@ -504,6 +504,7 @@ def _decoded_once(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
   part = None
   try:  # A name of its own: hosts sharing the folder may write at the same time.
     handle, part = tempfile.mkstemp(prefix=f".s9jax_{split}.", suffix=".npz", dir=folder)
+    os.fchmod(handle, 0o644)  # mkstemp's 0600 would hide it from others sharing the data.
     with os.fdopen(handle, "wb") as f:
       np.savez(f, images=images, labels=labels)
     os.replace(part, kept)  # Whole or not at all, for runs reading it at the same time.

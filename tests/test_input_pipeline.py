@@ -46,8 +46,10 @@ def test_a_split_is_decoded_once_then_read_back_until_the_copy_is_prepared_again
   for a, b in zip(first, again):
     np.testing.assert_array_equal(a, b)
     assert a.dtype == b.dtype
-  # A prepared copy newer than the kept arrays: decoded anew, and kept again.
+  # Readable by whoever shares the data folder, not only by its writer.
   folder = pathlib.Path(input_pipeline.prepare(config.data).data_dir)
+  assert (folder / "s9jax_train.npz").stat().st_mode & 0o777 == 0o644
+  # A prepared copy newer than the kept arrays: decoded anew, and kept again.
   prepared = (folder / "dataset_info.json").stat().st_mtime_ns
   os.utime(folder / "s9jax_train.npz", ns=(prepared - 1, prepared - 1))
   input_pipeline.load_split(config.data, "train")
