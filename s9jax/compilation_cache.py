@@ -23,6 +23,7 @@ import pathlib
 import sys
 
 import jax
+from absl import flags
 
 from s9jax import native
 
@@ -45,14 +46,14 @@ def enable(flag_value: str | None) -> str | None:
   the directory, or None when off or when it cannot be made (a warning, not an error: a
   run without the cache only compiles again)."""
   path = resolve(flag_value)
+  if path is not None:
+    try:
+      pathlib.Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      print(f"warning: no compilation cache, cannot create {path}: {e.strerror or e}",
+            file=sys.stderr)
+      path = None
   if path is None:
-    jax.config.update("jax_enable_compilation_cache", False)
-    return None
-  try:
-    pathlib.Path(path).mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    print(f"warning: no compilation cache, cannot create {path}: {e.strerror or e}",
-          file=sys.stderr)
     jax.config.update("jax_enable_compilation_cache", False)
     return None
   jax.config.update("jax_compilation_cache_dir", path)
@@ -62,3 +63,10 @@ def enable(flag_value: str | None) -> str | None:
   if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
   return path
+
+
+def define_flag():
+  """--compilation_cache_dir, for the CLIs that call `enable` with its value."""
+  flags.DEFINE_string("compilation_cache_dir", None, "Where compiled programs are kept for "
+                      "later runs ('' for nowhere; default: $JAX_COMPILATION_CACHE_DIR, else "
+                      "jax/ in ~/.cache/s9jax). See s9jax/compilation_cache.py.")

@@ -90,7 +90,7 @@ def define_flags(with_config: bool = True):
                                     "the workdir's config.json.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Training workdir holding config.json and checkpoints/.")
   flags.DEFINE_string("checkpoint", "final", f"Which checkpoint: {inference.CHECKPOINTS}.")
-  train.define_compilation_cache_flag()
+  compilation_cache.define_flag()
 
 
 if __name__ == "__main__":

@@ -1030,13 +1030,7 @@ def define_flags():
                       "host:port, the same for every process (127.0.0.1:PORT on one machine).")
   flags.DEFINE_integer("num_processes", None, "With --distributed: how many processes.")
   flags.DEFINE_integer("process_id", None, "With --distributed: this one's, 0..num_processes-1.")
-  define_compilation_cache_flag()
-
-
-def define_compilation_cache_flag():
-  flags.DEFINE_string("compilation_cache_dir", None, "Where compiled programs are kept for "
-                      "later runs ('' for nowhere; default: $JAX_COMPILATION_CACHE_DIR, else "
-                      "~/.cache/s9jax/jax). See s9jax/compilation_cache.py.")
+  compilation_cache.define_flag()
 
 
 if __name__ == "__main__":

@@ -647,12 +647,6 @@ void TransposeKernel(const float* w, int64_t taps, int64_t cin, int64_t cout, fl
         wt[(t * cout + co) * cin + ci] = w[(t * cin + ci) * cout + co];
 }
 
-std::vector<float> TransposedKernel(const float* w, int64_t taps, int64_t cin, int64_t cout) {
-  std::vector<float> wt(taps * cout * cin);
-  TransposeKernel(w, taps, cin, cout, wt.data());
-  return wt;
-}
-
 // One image's input gradient, as the forward's transpose: every output pixel adds
 // w[t] @ dy[p, q] to the input pixel its tap t read. wt is the kernel as
 // (kh, kw, cout, cin); taps in the padding add to `trash` (cin floats).
@@ -1339,7 +1333,9 @@ ffi::Error DenseInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   S9_RETURN_IF_ERROR(CheckConv(op, g, ph_hi, pw_hi));
   const int64_t cout = kd[3], image = g.h * g.w * g.c, out_pixels = g.oh * g.ow;
   const int64_t taps = g.kh * g.kw;
-  std::vector<float> wt = TransposedKernel(kernel.typed_data(), taps, g.c, cout);
+  const CallBuffer<float, kTransposedSlot> wt_buffer(taps * cout * g.c);
+  float* wt = wt_buffer.get();
+  TransposeKernel(kernel.typed_data(), taps, g.c, cout, wt);
 #if S9_BF16_DOT
   // Unstrided, the input gradient is the conv of dy, padded by (k - 1) * d - lo, with the
   // kernel transposed and its taps reversed: the forward's kernel, whose sums stay in
@@ -1348,15 +1344,14 @@ ffi::Error DenseInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   if (bf16 && g.sh == 1 && g.sw == 1 && th >= 0 && tw >= 0) {
     const int64_t tap = cout * g.c;
     for (int64_t t = 0; t < taps / 2; ++t)  // Taps reversed.
-      std::swap_ranges(wt.begin() + t * tap, wt.begin() + (t + 1) * tap,
-                       wt.begin() + (taps - 1 - t) * tap);
-    const ConvKernel flipped(wt.data(), taps, cout, g.c, true);
+      std::swap_ranges(wt + t * tap, wt + (t + 1) * tap, wt + (taps - 1 - t) * tap);
+    const ConvKernel flipped(wt, taps, cout, g.c, true);
     const Geometry gt{g.n, g.oh, g.ow, cout, g.kh, g.kw, g.h, g.w, 1, 1, g.dh, g.dw, th, tw};
     Bf16DenseConv(pool, gt, g.c, dy.typed_data(), flipped, dx->typed_data());
     return ffi::Error::Success();
   }
 #endif
-  const ConvKernel transposed(wt.data(), taps, cout, g.c, bf16);
+  const ConvKernel transposed(wt, taps, cout, g.c, bf16);
   const int64_t chunks = NumChunks(pool, g.n);
   std::vector<float> trash(chunks * g.c);
 #if S9_BF16_DOT
