@@ -118,6 +118,28 @@ def test_native_on_wide_odd_shapes_matches_lax(x_shape, w_shape, groups, toleran
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=tolerance)
 
 
+@NATIVE
+@pytest.mark.parametrize("stride,dilation,pad", [(1, 1, 1), (2, 2, 2), (1, 2, 2)])
+def test_native_depthwise_border_pixels_sum_as_if_zero_padded(stride, dilation, pad):
+  # A 3x3 depthwise pixel on the border skips the taps that fall outside; one inside takes
+  # all nine, several pixels at a time. Given the image with its padding made explicit,
+  # every pixel is inside, and each sum must come out bit for bit the same: the same
+  # products, in the same order, plus exact zeros. Width 13 leaves groups of four and
+  # single pixels; 25 channels make blocks of 16 and 8 and single channels.
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 13, 25))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 25))
+  out_hw = tuple((n + 2 * pad - 2 * dilation - 1) // stride + 1 for n in (11, 13))
+  conv = functools.partial(native.depthwise_forward, out_hw=out_hw, strides=(stride, stride),
+                           dilation=(dilation, dilation))
+  with_border = conv(x, w, pads=((pad, pad), (pad, pad)))
+  padded = conv(jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))), w, pads=((0, 0), (0, 0)))
+  np.testing.assert_array_equal(with_border, padded)
+  want = lax.conv_general_dilated(x, w[:, :, None, :], (stride, stride), ((pad, pad), (pad, pad)),
+                                  rhs_dilation=(dilation, dilation), dimension_numbers=DN,
+                                  feature_group_count=25)
+  np.testing.assert_allclose(with_border, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend,devices,kernels,expected", [
     ("cpu", 1, True, "native"), ("cpu", 1, False, "fast"), ("cpu", 8, True, "fast"),
     ("gpu", 1, True, "lax"), ("tpu", 4, False, "lax")])

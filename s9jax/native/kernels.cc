@@ -283,30 +283,68 @@ TapIndex InputGradIndex(const Geometry& g) {
                       [&](int64_t s, int64_t j) { return g.OutCol(s, j); });
 }
 
-// A 3x3 kernel's pixels of one destination row whose 9 taps all read the source (every
-// pixel away from the border; for the input gradient of a strided conv, the pixels that
-// every tap reaches): the taps' offsets are a row part plus a column part, and a channel
-// block's 9 kernel vectors stay in registers across the row. DotTaps rebuilds the taps
-// and reloads the kernel for each pixel: at 16 channels (one vector a pixel) that cost
-// 3x the time a channel-pixel that it did at 48 (forward of a 128x32x32x16 batch:
-// 2.4-2.8 ms by DotTaps, 0.75-0.82 ms here; 128x16x16x48: 0.8-1.0 -> 0.3-0.6 ms).
-void GatherFullTaps3x3(const TapIndex& index, const int64_t (&row_offset)[3],
-                       const float* __restrict src, const float* __restrict w,
-                       float* __restrict dst_row, int64_t c) {
+// One destination row of a 3x3 kernel's taps, every pixel: a channel block's 9 kernel
+// vectors stay in registers across the row. A pixel whose 9 taps all read the source
+// (away from the border; for the input gradient of a strided conv, a pixel every tap
+// reaches) adds them unconditionally, four pixels at a time, each with its own
+// accumulator: a pixel's nine multiply-adds are one dependent chain, and several chains
+// keep the FMA units busy. A border pixel skips the taps that read nothing. Each pixel's
+// sum is the one DotTaps gives: the same products in the same order (rows, then
+// columns). DotTaps rebuilds the taps and reloads the kernel for each pixel: at 16
+// channels (one vector a pixel) that cost 3x the time a channel-pixel that it did at 48
+// (forward of a 128x32x32x16 batch: 2.4-2.8 ms by DotTaps, 0.75-0.82 ms here;
+// 128x16x16x48: 0.8-1.0 -> 0.3-0.6 ms), and on the last stage's 4x4 maps 12 of 16
+// pixels are on the border.
+void GatherRow3x3(const TapIndex& index, const int64_t* row, int64_t src_stride,
+                  const float* __restrict src, const float* __restrict w,
+                  float* __restrict dst_row, int64_t c) {
+  const int64_t row_offset[3] = {row[0] * src_stride, row[1] * src_stride, row[2] * src_stride};
+  const bool full_row = row[0] >= 0 && row[1] >= 0 && row[2] >= 0;
   ForChannelBlocks(c, [&](auto block, int64_t c0) {
     constexpr int B = decltype(block)::value;
     typename Vec<B>::type k[9];
     for (int t = 0; t < 9; ++t) k[t] = Load<B>(w + t * c + c0);
-    for (int64_t v = 0; v < index.cols; ++v) {
-      if (!index.col_full[v]) continue;
+    const auto full = [&](auto count, int64_t v) {
+      constexpr int P = decltype(count)::value;
+      typename Vec<B>::type acc[P] = {};
       const int64_t* col = &index.col_of[v * 3];
-      typename Vec<B>::type acc = {};
 #pragma GCC unroll 3
       for (int i = 0; i < 3; ++i)
 #pragma GCC unroll 3
         for (int j = 0; j < 3; ++j)
-          acc += Load<B>(src + row_offset[i] + col[j] * c + c0) * k[i * 3 + j];
+#pragma GCC unroll 4
+          for (int p = 0; p < P; ++p)
+            acc[p] += Load<B>(src + row_offset[i] + col[p * 3 + j] * c + c0) * k[i * 3 + j];
+#pragma GCC unroll 4
+      for (int p = 0; p < P; ++p) Store<B>(dst_row + (v + p) * c + c0, acc[p]);
+    };
+    const auto border = [&](int64_t v) {
+      const int64_t* col = &index.col_of[v * 3];
+      typename Vec<B>::type acc = {};
+#pragma GCC unroll 3
+      for (int i = 0; i < 3; ++i) {
+        if (row[i] < 0) continue;
+#pragma GCC unroll 3
+        for (int j = 0; j < 3; ++j)
+          if (col[j] >= 0) acc += Load<B>(src + row_offset[i] + col[j] * c + c0) * k[i * 3 + j];
+      }
       Store<B>(dst_row + v * c + c0, acc);
+    };
+    const auto one = [&](int64_t v) {
+      if (full_row && index.col_full[v]) {
+        full(std::integral_constant<int, 1>(), v);
+      } else {
+        border(v);
+      }
+    };
+    for (int64_t v = 0; v < index.cols;) {
+      if (full_row && v + 4 <= index.cols && index.col_full[v] && index.col_full[v + 1] &&
+          index.col_full[v + 2] && index.col_full[v + 3]) {
+        full(std::integral_constant<int, 4>(), v);
+        v += 4;
+      } else {
+        one(v++);
+      }
     }
   });
 }
@@ -316,17 +354,15 @@ void GatherFullTaps3x3(const TapIndex& index, const int64_t (&row_offset)[3],
 // gradient (dst = dx, src = dy). Same sums in the same order on either path.
 void GatherTaps(const Geometry& g, const TapIndex& index, const float* src, const float* w,
                 float* dst) {
-  const bool three = g.kh == 3 && g.kw == 3;
+  if (g.kh == 3 && g.kw == 3) {
+    for (int64_t u = 0; u < index.rows; ++u)
+      GatherRow3x3(index, &index.row_of[u * 3], index.src_cols * g.c, src, w,
+                   dst + u * index.cols * g.c, g.c);
+    return;
+  }
   for (int64_t u = 0; u < index.rows; ++u) {
     const int64_t* row = &index.row_of[u * g.kh];
-    const bool full_row = three && index.row_full[u];
-    if (full_row) {
-      const int64_t stride = index.src_cols * g.c;
-      const int64_t row_offset[3] = {row[0] * stride, row[1] * stride, row[2] * stride};
-      GatherFullTaps3x3(index, row_offset, src, w, dst + u * index.cols * g.c, g.c);
-    }
     for (int64_t v = 0; v < index.cols; ++v) {
-      if (full_row && index.col_full[v]) continue;
       Taps taps;
       for (int64_t i = 0; i < g.kh; ++i) {
         const int64_t r = row[i];
