@@ -884,22 +884,28 @@ void NormaliseRelu(int64_t pixels, int64_t c, const float* __restrict x,
 // along each image row and added in float64, as ChannelSums does.
 void NormaliseReluGrad(int64_t rows, int64_t cols, int64_t c, const float* __restrict x,
                        const float* __restrict z, const float* __restrict dz,
-                       const float* __restrict prologue, float* __restrict dx,
-                       float* __restrict row_sums, double* total) {
+                       const float* __restrict prologue, float* __restrict dx, double* total) {
   const float* __restrict shift = prologue;
   const float* __restrict scale = prologue + c;
   for (int64_t r = 0; r < rows; ++r) {
-    std::fill(row_sums, row_sums + 2 * c, 0.0f);
-    for (int64_t q = 0; q < cols; ++q) {
-      const int64_t at = (r * cols + q) * c;
-      for (int64_t k = 0; k < c; ++k) {
-        const float g = z[at + k] > 0.0f ? dz[at + k] : 0.0f;
-        dx[at + k] = scale[k] * g;
-        row_sums[k] += g;
-        row_sums[c + k] += g * (x[at + k] - shift[k]);
+    // A channel block's two row sums stay in registers along the row (as ChannelSums').
+    ForChannelBlocks(c, [&](auto block, int64_t c0) {
+      constexpr int B = decltype(block)::value;
+      using V = typename Vec<B>::type;
+      const V zero = {}, shift_c = Load<B>(shift + c0), scale_c = Load<B>(scale + c0);
+      V sum_g = {}, sum_gx = {};
+      for (int64_t q = 0; q < cols; ++q) {
+        const int64_t at = (r * cols + q) * c + c0;
+        const V g = Load<B>(z + at) > zero ? Load<B>(dz + at) : zero;
+        Store<B>(dx + at, scale_c * g);
+        sum_g += g;
+        sum_gx += g * (Load<B>(x + at) - shift_c);
       }
-    }
-    for (int64_t k = 0; k < 2 * c; ++k) total[k] += row_sums[k];
+      for (int k = 0; k < B; ++k) {
+        total[c0 + k] += sum_g[k];
+        total[c + c0 + k] += sum_gx[k];
+      }
+    });
   }
 }
 
@@ -1560,10 +1566,10 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   // The 1x1's kernel gradient is summed over groups of images of at least
   // kKernelGradPixels pixels together (PointwiseKernelGrad), so each thread keeps the
   // depthwise outputs of a group, and one image's depthwise output gradient; with a
-  // prologue, also its normalised input, that input's gradient and per-row sums.
+  // prologue, also its normalised input and that input's gradient.
   const int64_t pixels = g.oh * g.ow;
   const int64_t group = std::max<int64_t>(1, kKernelGradPixels / pixels);
-  const int64_t per_chunk = (group + 1) * mid + (normalise ? 2 * image + sums : 0);
+  const int64_t per_chunk = (group + 1) * mid + (normalise ? 2 * image : 0);
   const CallBuffer<float, kBetweenSlot> between_buffer(chunks * per_chunk);
   const CallBuffer<float, kTrashSlot> trash_buffer(chunks * c);
   float* between = between_buffer.get();
@@ -1573,7 +1579,6 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     float* dd_image = d + group * mid;
     float* z = dd_image + mid;
     float* dz = z + image;
-    float* row_sums = dz + image;
     double* total_depthwise = partial + chunk * totals_size;
     double* total_pointwise = total_depthwise + depthwise_size;
     double* total_prologue = total_pointwise + pointwise_size;
@@ -1594,7 +1599,7 @@ ffi::Error SeparableBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         GatherTaps(g, input_index, dd_image, depthwise.typed_data(), normalise ? dz : dxi);
         ImageKernelGrad(g, forward, input, dd_image, total_depthwise);
         if (normalise) {
-          NormaliseReluGrad(g.h, g.w, c, xi, z, dz, prologue.typed_data(), dxi, row_sums,
+          NormaliseReluGrad(g.h, g.w, c, xi, z, dz, prologue.typed_data(), dxi,
                             total_prologue);
         }
       }
@@ -1639,25 +1644,26 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   const CallBuffer<double, kPartialSlot> partial_buffer(chunks * 2 * c, true);
   double* partial = partial_buffer.get();
   ParallelFor(pool, rows, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
-    thread_local std::vector<float> sum_b, sum_ab;
-    sum_b.resize(c);
-    sum_ab.resize(c);
     double* total = partial + chunk * 2 * c;
     for (int64_t r = begin; r < end; ++r) {
-      std::fill(sum_b.begin(), sum_b.end(), 0.0f);
-      std::fill(sum_ab.begin(), sum_ab.end(), 0.0f);
-      for (int64_t q = 0; q < w; ++q) {
-        const float* __restrict ap = as + (r * w + q) * c;
-        const float* __restrict bp = bs + (r * w + q) * c;
-        for (int64_t k = 0; k < c; ++k) {
-          sum_b[k] += bp[k];
-          sum_ab[k] += (ap[k] - shifts[k]) * bp[k];
+      const float* __restrict a_row = as + r * w * c;
+      const float* __restrict b_row = bs + r * w * c;
+      // A channel block's two row sums stay in registers along the row: kept in memory,
+      // each pixel's adds waited on the last pixel's stores.
+      ForChannelBlocks(c, [&](auto block, int64_t c0) {
+        constexpr int B = decltype(block)::value;
+        const typename Vec<B>::type s = Load<B>(shifts + c0);
+        typename Vec<B>::type sum_b = {}, sum_ab = {};
+        for (int64_t q = 0; q < w; ++q) {
+          const typename Vec<B>::type bq = Load<B>(b_row + q * c + c0);
+          sum_b += bq;
+          sum_ab += (Load<B>(a_row + q * c + c0) - s) * bq;
         }
-      }
-      for (int64_t k = 0; k < c; ++k) {
-        total[k] += sum_b[k];
-        total[c + k] += sum_ab[k];
-      }
+        for (int k = 0; k < B; ++k) {
+          total[c0 + k] += sum_b[k];
+          total[c + c0 + k] += sum_ab[k];
+        }
+      });
     }
   });
   ReducePartials(partial, chunks, 2 * c, out->typed_data());
