@@ -213,30 +213,17 @@ struct Taps {
   }
 };
 
-// out[pixel] = sum over its taps of image[tap] * kernel[tap], for every channel.
-// N > 0: exactly N taps, known at compile time (a 3x3 kernel's pixels away from the
-// border), so the tap loop unrolls instead of branching on the count.
-template <int N>
-inline void DotTapsN(const Taps& taps, const float* __restrict image,
-                     const float* __restrict kernel, float* __restrict out, int64_t c) {
-  const int64_t count = N > 0 ? N : taps.count;
+// out[pixel] = sum over its taps of image[tap] * kernel[tap], for every channel: the
+// taps of a kernel other than 3x3, whose rows GatherRow3x3 computes.
+inline void DotTaps(const Taps& taps, const float* __restrict image,
+                    const float* __restrict kernel, float* __restrict out, int64_t c) {
   ForChannelBlocks(c, [&](auto block, int64_t c0) {
     constexpr int B = decltype(block)::value;
     typename Vec<B>::type acc = {};
-#pragma GCC unroll 16
-    for (int64_t t = 0; t < count; ++t)
+    for (int64_t t = 0; t < taps.count; ++t)
       acc += Load<B>(image + taps.image[t] + c0) * Load<B>(kernel + taps.kernel[t] + c0);
     Store<B>(out + c0, acc);
   });
-}
-
-inline void DotTaps(const Taps& taps, const float* __restrict image,
-                    const float* __restrict kernel, float* __restrict out, int64_t c) {
-  if (taps.count == 9) {
-    DotTapsN<9>(taps, image, kernel, out, c);
-  } else {
-    DotTapsN<0>(taps, image, kernel, out, c);
-  }
 }
 
 // For every destination row u and kernel row i, the source row it reads (or -1: none),
