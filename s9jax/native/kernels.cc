@@ -282,11 +282,12 @@ TapIndex InputGradIndex(const Geometry& g) {
 // (forward of a 128x32x32x16 batch: 2.4-2.8 ms by DotTaps, 0.75-0.82 ms here;
 // 128x16x16x48: 0.8-1.0 -> 0.3-0.6 ms), and on the last stage's 4x4 maps 12 of 16
 // pixels are on the border.
-void GatherRow3x3(const TapIndex& index, const int64_t* row, int64_t src_stride,
-                  const float* __restrict src, const float* __restrict w,
-                  float* __restrict dst_row, int64_t c) {
+void GatherRow3x3(const TapIndex& index, int64_t u, int64_t c, const float* __restrict src,
+                  const float* __restrict w, float* __restrict dst_row) {
+  const int64_t* row = &index.row_of[u * 3];
+  const int64_t src_stride = index.src_cols * c;
   const int64_t row_offset[3] = {row[0] * src_stride, row[1] * src_stride, row[2] * src_stride};
-  const bool full_row = row[0] >= 0 && row[1] >= 0 && row[2] >= 0;
+  const bool full_row = index.row_full[u];
   ForChannelBlocks(c, [&](auto block, int64_t c0) {
     constexpr int B = decltype(block)::value;
     typename Vec<B>::type k[9];
@@ -343,8 +344,7 @@ void GatherTaps(const Geometry& g, const TapIndex& index, const float* src, cons
                 float* dst) {
   if (g.kh == 3 && g.kw == 3) {
     for (int64_t u = 0; u < index.rows; ++u)
-      GatherRow3x3(index, &index.row_of[u * 3], index.src_cols * g.c, src, w,
-                   dst + u * index.cols * g.c, g.c);
+      GatherRow3x3(index, u, g.c, src, w, dst + u * index.cols * g.c);
     return;
   }
   for (int64_t u = 0; u < index.rows; ++u) {
