@@ -49,6 +49,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
+from albumentations.augmentations.geometric import functional as fgeometric  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -539,6 +540,38 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return mean, std
 
 
+class ImageAffine(A.Affine):
+  """`A.Affine` for images alone, at less than half its cost: the same draws, the same matrix (by
+  Albumentations' own functions) and the same `cv2.warpAffine` call, so the same pixels
+  (tested), without the two things its ~80 us of Python a 32x32 image spends most on and
+  images do not need: the bounding-box matrix, and an identity check whose only effect
+  is to skip a warp that would change nothing. Refuses `fit_output` and every target
+  but images."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    if self.fit_output:
+      raise ValueError("ImageAffine keeps the image's shape: fit_output must be False")
+
+  def get_params_dependent_on_data(self, params, data):
+    shape = params["shape"][:2]
+    if set(data) - {"image"}:
+      raise ValueError(f"ImageAffine warps images alone, not {sorted(set(data) - {'image'})}")
+    # In A.Affine's order, so a seed draws the same values.
+    translate = self._get_translate_params(shape)
+    shear = self._get_shear_params()
+    scale = self._get_scale(self.scale, self.keep_ratio, self.balanced_scale, self.py_random)
+    rotate = self.py_random.uniform(*self.rotate)
+    matrix = fgeometric.create_affine_transformation_matrix(
+        translate, shear, scale, rotate, fgeometric.center(shape))
+    return {"rotate": rotate, "scale": scale, "matrix": matrix, "output_shape": shape}
+
+  def apply(self, img, matrix, output_shape, **params):
+    return fgeometric.warp_affine_with_value_extension(
+        img, matrix[:2], (output_shape[1], output_shape[0]), self.interpolation,
+        self.border_mode, self.fill)
+
+
 def train_transform(aug_config, mean: np.ndarray, std: np.ndarray) -> A.Compose:
   """The reference's augmentations with Albumentations 2.x names; strict=True makes a
   misspelt or renamed argument an error rather than a silently ignored default."""
@@ -548,7 +581,7 @@ def train_transform(aug_config, mean: np.ndarray, std: np.ndarray) -> A.Compose:
   if aug_config.hflip_p > 0 and not aug_config.alternate_flip:  # Else flipped before this.
     transforms.append(A.HorizontalFlip(p=aug_config.hflip_p))
   if aug_config.affine_p > 0:  # The reference's ShiftScaleRotate, as the Affine it now is.
-    transforms.append(A.Affine(
+    transforms.append(ImageAffine(
         translate_percent=(-aug_config.shift, aug_config.shift),
         scale=(1 - aug_config.scale, 1 + aug_config.scale),
         rotate=(-aug_config.rotate, aug_config.rotate),
@@ -565,6 +598,27 @@ def train_transform(aug_config, mean: np.ndarray, std: np.ndarray) -> A.Compose:
   if (size, size) != IMAGE_SHAPE[:2]:
     transforms.append(A.Resize(size, size))
   return A.Compose(transforms, strict=True)
+
+
+def augment_images(transform: A.Compose, images: np.ndarray, seed: int) -> np.ndarray:
+  """`transform` on each of `images`, with Compose's distribution: each transform in turn
+  takes each image with its probability p, independently. Calling the transforms on the
+  images they take, not the Compose on every image, spares Compose's and each skipped
+  transform's Python on the cores the train step uses: fast.py's augmentations take
+  ~12 us a 32x32 image, ~16 through a Compose per image (~35 with `A.Affine`; measured
+  one at a time on the dev VM). `seed` fixes it all: which images each transform takes, and each
+  transform's own draws, from streams of their own (Compose's `set_random_seed` gives
+  every transform the same one)."""
+  streams = np.random.SeedSequence(seed).spawn(len(transform.transforms) + 1)
+  take = np.random.default_rng(streams[0])
+  out = list(images)
+  for t, stream in zip(transform.transforms, streams[1:]):
+    if not isinstance(t, A.BasicTransform):
+      raise TypeError(f"augment_images applies single transforms, not {type(t).__name__}")
+    t.set_random_seed(int(stream.generate_state(1)[0]))
+    for i in np.flatnonzero(take.random(len(out)) < t.p):
+      out[i] = t(image=out[i], force_apply=True)["image"]
+  return np.stack(out)
 
 
 def normalize_batch(images, mean, std):
@@ -692,11 +746,11 @@ class AugmentBatch:
       return {"index": index.astype(np.int32)} | ({} if flip is None else {"flip": flip})
     if self._transform is None:
       self._transform = self.make_transform()
-    self._transform.set_random_seed(_batch_seed(self.seed, epoch, step, self.host, self.hosts))
     images = self.images[index]
     if flip is not None:
       images[flip] = images[flip, :, ::-1]
-    batch = np.stack([self._transform(image=image)["image"] for image in images])
+    batch = augment_images(self._transform, images,
+                           _batch_seed(self.seed, epoch, step, self.host, self.hosts))
     return {"image": batch, "label": self.labels[index]}  # uint8: the step normalises.
 
 

@@ -9,6 +9,7 @@ import zipfile
 from collections import Counter
 
 import albumentations as A
+import cv2
 import jax
 import numpy as np
 import pytest
@@ -175,6 +176,54 @@ def test_horizontal_flip_mirrors():
   np.testing.assert_array_equal(transform(image=image)["image"], image[:, ::-1])
 
 
+def test_image_affine_warps_to_the_pixels_of_albumentations_affine():
+  aug = load_config("base").augment
+  arguments = dict(translate_percent=(-aug.shift, aug.shift), scale=(1 - aug.scale, 1 + aug.scale),
+                   rotate=(-aug.rotate, aug.rotate), border_mode=cv2.BORDER_CONSTANT,
+                   fill=(124.9, 122.4, 114.8), p=1.0)
+  reference, ours = A.Affine(**arguments), input_pipeline.ImageAffine(**arguments)
+  images = np.random.default_rng(4).integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
+  reference.set_random_seed(7)
+  ours.set_random_seed(7)
+  moved = 0
+  for image in images:
+    expected = reference(image=image)["image"]
+    np.testing.assert_array_equal(ours(image=image)["image"], expected)
+    assert ours.params["rotate"] == reference.params["rotate"]
+    moved += not np.array_equal(expected, image)
+  assert moved == len(images)  # Each one warped: the comparison is not of copies.
+  with pytest.raises(ValueError, match="images alone"):
+    ours(image=images[0], mask=images[0, ..., 0])
+  with pytest.raises(ValueError, match="fit_output"):
+    input_pipeline.ImageAffine(**arguments, fit_output=True)
+
+
+def test_augment_images_takes_each_image_with_each_transform_independently():
+  transform = input_pipeline.train_transform(only(hflip_p=0.5, affine_p=0.25), MEAN, STD)
+  # Ramps, dark on the left, with noise: a warp keeps which side is bright, and no two
+  # images are alike.
+  rng = np.random.default_rng(5)
+  ramp = np.linspace(30, 225, 32)[None, :, None]
+  images = (ramp + rng.integers(-20, 21, (4000, 32, 32, 3))).astype(np.uint8)
+  out = input_pipeline.augment_images(transform, images.copy(), seed=3)
+  assert out.shape == images.shape and out.dtype == np.uint8
+  np.testing.assert_array_equal(input_pipeline.augment_images(transform, images.copy(), seed=3),
+                                out)
+  assert not np.array_equal(input_pipeline.augment_images(transform, images.copy(), seed=4),
+                            out)
+  same = np.array([np.array_equal(o, i) for o, i in zip(out, images)])
+  mirrored = np.array([np.array_equal(o, i[:, ::-1]) for o, i in zip(out, images)])
+  warped = ~same & ~mirrored
+  flipped = out[:, :, :16].mean((1, 2, 3)) > out[:, :, 16:].mean((1, 2, 3))
+  assert not (flipped & same).any() and flipped[mirrored].all()
+  n = len(images)
+  for rate, p in ((flipped.mean(), 0.5), (warped.mean(), 0.25),
+                  ((flipped & warped).mean(), 0.125)):  # Independent: p(both) = 0.5 * 0.25.
+    assert abs(rate - p) < 4 * np.sqrt(p * (1 - p) / n), (rate, p)
+  with pytest.raises(TypeError, match="single transforms"):
+    input_pipeline.augment_images(A.Compose([A.OneOf([A.HorizontalFlip()])]), images[:2], 0)
+
+
 def test_test_images_are_normalised_with_training_statistics():
   train = np.random.default_rng(2).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
   mean, std = input_pipeline.channel_stats(train)
@@ -278,26 +327,30 @@ def test_batches_do_not_depend_on_the_worker_count():
   assert_same_batches(reference[2:], two_epochs(2, start_step=2))
 
 
-class WorkerProbe:
-  """Stands in for the Albumentations Compose: each image it 'augments' reports the
-  process that built it: pid, JAX backends started there, OpenCV threads, and whether
-  JAX there is pinned to the CPU."""
+class WorkerProbe(A.ImageOnlyTransform):
+  """Stands in for the augmentations: each image it 'augments' reports the process that
+  built it: pid, JAX backends started there, OpenCV threads, and whether JAX there is
+  pinned to the CPU."""
 
-  def set_random_seed(self, seed):
-    pass
+  def __init__(self):
+    super().__init__(p=1.0)
 
-  def __call__(self, image):
+  def apply(self, img, **params):
     import cv2
     from jax._src import xla_bridge
-    out = np.zeros(image.shape, np.float32)
+    out = np.zeros(img.shape, np.float32)
     out.flat[:4] = [os.getpid(), len(xla_bridge._backends), cv2.getNumThreads(),
                     jax.config.jax_platforms == "cpu"]
-    return {"image": out}
+    return out
+
+
+def worker_probe():
+  return A.Compose([WorkerProbe()])
 
 
 def test_workers_never_start_a_jax_backend_and_run_opencv_on_one_thread(monkeypatch):
   monkeypatch.delenv("JAX_PLATFORMS", raising=False)  # Set for the tests by conftest: the workers must set it.
-  with make_batches(seed=0, workers=1, make_transform=WorkerProbe) as batches:
+  with make_batches(seed=0, workers=1, make_transform=worker_probe) as batches:
     batch = next(batches.epoch(1))
     assert "JAX_PLATFORMS" not in os.environ  # Only while the workers started.
   pids, backends, threads, cpu_only = batch["image"].reshape(8, -1)[:, :4].T
