@@ -7,9 +7,13 @@ for each worker count, on this machine; then the data-on-device path.
 
 Worker counts: 0 (a background thread of this process), 1, 2, and 4 and 8 where this
 machine has that many cores, unless --workers lists them. Prints the train step alone on
-a ready batch, then one line per worker count:
+a ready batch (--batches steps), then one line per worker count:
     workers N: pipeline P img/s (ratio to the step), end to end E img/s
-and last `data on device` (`augment.backend = 'jax'`): the training set placed on the
+each with, where /proc has them (Linux), the cores this process's threads kept busy: XLA's
+compute threads (`tf_XLA*`), the main thread (dispatch), and the rest (with 0 workers,
+the augmentation thread). On a machine the step fills, the step's threads lose what the
+rest take; unlike img/s, these shares hold still while the machine's speed drifts. Then
+`data on device` (`augment.backend = 'jax'`): the training set placed on the
 device once, the host sending indices, the step gathering and augmenting them, end to end.
 `pipeline`: batches taken as fast as they come, nothing else running. `end to end`: the
 training loop's work per batch: the next batch (uint8), then
@@ -34,6 +38,7 @@ import importlib
 import os
 import pathlib
 import sys
+import threading
 import time
 
 import jax
@@ -94,9 +99,36 @@ class Trainer:
     return time.perf_counter() - start
 
 
-def measure(batches, trainer: Trainer, count: int, warmup: int) -> tuple[float, float]:
+def thread_seconds() -> dict[int, tuple[str, float]]:
+  """Thread id -> (name, CPU seconds so far) for this process's threads; {} without
+  /proc (not Linux)."""
+  seconds = {}
+  for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ():
+    try:
+      with open(f"/proc/self/task/{tid}/stat") as f:
+        stat = f.read()
+    except OSError:  # The thread ended.
+      continue
+    fields = stat[stat.rindex(")") + 2:].split()  # utime and stime: fields 14 and 15.
+    seconds[int(tid)] = (stat[stat.index("(") + 1:stat.rindex(")")],
+                         (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+  return seconds
+
+
+def busy_cores(before: dict, after: dict, wall: float) -> str:
+  """Cores kept busy between two `thread_seconds`, by kind of thread."""
+  if not before:
+    return ""
+  main, kinds = threading.get_native_id(), {"XLA compute": 0.0, "main": 0.0, "rest": 0.0}
+  for tid, (name, seconds) in after.items():
+    kind = "main" if tid == main else "XLA compute" if name.startswith("tf_XLA") else "rest"
+    kinds[kind] += seconds - before.get(tid, (name, 0.0))[1]
+  return "; busy cores: " + ", ".join(f"{kind} {s / wall:.2f}" for kind, s in kinds.items())
+
+
+def measure(batches, trainer: Trainer, count: int, warmup: int) -> tuple[float, float, str]:
   """(pipeline alone, end to end) img/s of one `TrainBatches`, over `count` batches each,
-  from one epoch's stream."""
+  from one epoch's stream, and the busy cores end to end."""
   needed = 2 * (warmup + count)
   if needed > batches.steps_per_epoch:
     raise SystemExit(f"--batches {count} and --warmup {warmup} need {needed} batches of an "
@@ -109,7 +141,10 @@ def measure(batches, trainer: Trainer, count: int, warmup: int) -> tuple[float, 
     next(stream)
   pipeline = count * batches.batch_size / (time.perf_counter() - start)
   trainer.run(lambda: next(stream), warmup)
-  return pipeline, count * batches.batch_size / trainer.run(lambda: next(stream), count)
+  before = thread_seconds()
+  seconds = trainer.run(lambda: next(stream), count)
+  return (pipeline, count * batches.batch_size / seconds,
+          busy_cores(before, thread_seconds(), seconds))
 
 
 def main():
@@ -130,18 +165,20 @@ def main():
   size = args.size or config.augment.image_size
   trainer = Trainer(config, mean, std, size)
   trainer.run(lambda: trainer.ready_batch, 5)
-  step_ips = 20 * config.batch_size / trainer.run(lambda: trainer.ready_batch, 20)
+  before = thread_seconds()
+  seconds = trainer.run(lambda: trainer.ready_batch, args.batches)
+  step_ips = args.batches * config.batch_size / seconds
   print(f"{args.config}, batch {config.batch_size}, {size} px, {os.cpu_count()} cores, "
         f"{args.images} images: train step alone {step_ips:.0f} img/s (config data.workers = "
-        f"{config.data.workers})", flush=True)
+        f"{config.data.workers}){busy_cores(before, thread_seconds(), seconds)}", flush=True)
   for workers in args.workers or default_worker_counts():
     with input_pipeline.TrainBatches(
         images, labels, lambda: input_pipeline.train_transform(config.augment, mean, std),
         config.batch_size, config.seed, workers=workers) as batches:
-      pipeline, end_to_end = measure(batches, trainer, args.batches, args.warmup)
+      pipeline, end_to_end, cores = measure(batches, trainer, args.batches, args.warmup)
     where = "a thread of this process" if workers == 0 else "processes"
     print(f"workers {workers} ({where}): pipeline {pipeline:.0f} img/s "
-          f"({pipeline / step_ips:.2f}x the step), end to end {end_to_end:.0f} img/s",
+          f"({pipeline / step_ips:.2f}x the step), end to end {end_to_end:.0f} img/s{cores}",
           flush=True)
   with input_pipeline.TrainBatches(images, labels, None, config.batch_size, config.seed,
                                    alternate_flip=config.augment.alternate_flip) as batches:
