@@ -541,12 +541,12 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class ImageAffine(A.Affine):
-  """`A.Affine` for images alone, at less than half its cost: the same draws, the same matrix (by
-  Albumentations' own functions) and the same `cv2.warpAffine` call, so the same pixels
-  (tested), without the two things its ~80 us of Python a 32x32 image spends most on and
-  images do not need: the bounding-box matrix, and an identity check whose only effect
-  is to skip a warp that would change nothing. Refuses `fit_output` and every target
-  but images."""
+  """`A.Affine` for images alone, at less than half its cost: the same draws, the same
+  matrix (by Albumentations' own functions) and the same `cv2.warpAffine` call, so the
+  same pixels (tested), without the two things its ~80 us of Python a 32x32 image spends
+  most on and images do not need: the bounding-box matrix, and an identity check whose
+  only effect is to skip a warp that would change nothing. Refuses `fit_output` and
+  every target but images."""
 
   def __init__(self, **kwargs):
     super().__init__(**kwargs)
@@ -567,9 +567,10 @@ class ImageAffine(A.Affine):
     return {"rotate": rotate, "scale": scale, "matrix": matrix, "output_shape": shape}
 
   def apply(self, img, matrix, output_shape, **params):
-    return fgeometric.warp_affine_with_value_extension(
+    out = fgeometric.warp_affine_with_value_extension(
         img, matrix[:2], (output_shape[1], output_shape[0]), self.interpolation,
         self.border_mode, self.fill)
+    return out if out.ndim == img.ndim else out[..., None]  # cv2 drops a lone channel.
 
 
 def train_transform(aug_config, mean: np.ndarray, std: np.ndarray) -> A.Compose:
@@ -606,9 +607,9 @@ def augment_images(transform: A.Compose, images: np.ndarray, seed: int) -> np.nd
   images they take, not the Compose on every image, spares Compose's and each skipped
   transform's Python on the cores the train step uses: fast.py's augmentations take
   ~12 us a 32x32 image, ~16 through a Compose per image (~35 with `A.Affine`; measured
-  one at a time on the dev VM). `seed` fixes it all: which images each transform takes, and each
-  transform's own draws, from streams of their own (Compose's `set_random_seed` gives
-  every transform the same one)."""
+  one at a time on the dev VM). `seed` fixes it all: which images each transform takes,
+  and each transform's own draws, from streams of their own (Compose's
+  `set_random_seed` gives every transform the same one)."""
   streams = np.random.SeedSequence(seed).spawn(len(transform.transforms) + 1)
   take = np.random.default_rng(streams[0])
   out = list(images)

@@ -196,6 +196,11 @@ def test_image_affine_warps_to_the_pixels_of_albumentations_affine():
     ours(image=images[0], mask=images[0, ..., 0])
   with pytest.raises(ValueError, match="fit_output"):
     input_pipeline.ImageAffine(**arguments, fit_output=True)
+  grey = images[:20, ..., :1]  # One channel: kept, as A.Affine keeps it.
+  reference.set_random_seed(8)
+  ours.set_random_seed(8)
+  for image in grey:
+    np.testing.assert_array_equal(ours(image=image)["image"], reference(image=image)["image"])
 
 
 def test_augment_images_takes_each_image_with_each_transform_independently():
