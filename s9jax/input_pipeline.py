@@ -540,6 +540,11 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return mean, std
 
 
+# cv2.warpAffine drops the channel axis of an HxWx1 image; Albumentations' own
+# `warp_affine` wears this wrapper to put it back.
+_warp_affine = fgeometric.preserve_channel_dim(fgeometric.warp_affine_with_value_extension)
+
+
 class ImageAffine(A.Affine):
   """`A.Affine` for images alone, at less than half its cost: the same draws, the same
   matrix (by Albumentations' own functions) and the same `cv2.warpAffine` call, so the
@@ -567,10 +572,8 @@ class ImageAffine(A.Affine):
     return {"rotate": rotate, "scale": scale, "matrix": matrix, "output_shape": shape}
 
   def apply(self, img, matrix, output_shape, **params):
-    out = fgeometric.warp_affine_with_value_extension(
-        img, matrix[:2], (output_shape[1], output_shape[0]), self.interpolation,
-        self.border_mode, self.fill)
-    return out if out.ndim == img.ndim else out[..., None]  # cv2 drops a lone channel.
+    return _warp_affine(img, matrix[:2], (output_shape[1], output_shape[0]),
+                        self.interpolation, self.border_mode, self.fill)
 
 
 def train_transform(aug_config, mean: np.ndarray, std: np.ndarray) -> A.Compose:
@@ -716,7 +719,8 @@ def epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
 
 
 def _batch_seed(seed: int, epoch: int, step: int, host: int, hosts: int) -> int:
-  """The Albumentations seed of one batch: a function of where it is, nothing else."""
+  """The augmentation seed of one batch (`augment_images`): a function of where it is,
+  nothing else."""
   key = (seed, epoch, step) + ((host,) if hosts > 1 else ())
   return int(np.random.default_rng(key).integers(2**31))
 
