@@ -5,9 +5,9 @@ flip-and-translate test-time augmentation.
 
 Run:      python -m s9jax.train --config configs/fast.py --workdir runs/fast
 Expected: ~85.2% test accuracy (CIFAR-10 JPEG copy; 85.16 +- 0.26%, min 84.88%, over 5
-report seeds) in 6.6-7.4 min wall on a 2-core CPU with AVX512-BF16 (slower without),
-dataset already prepared and compiled programs cached by an earlier run (figures with
-their commands: docs/benchmarks.md).
+report seeds) in 5.4-7.4 min wall on a 2-core CPU with AVX512-BF16 (slower without; the
+range is one VM's fast and slow hours), dataset already prepared and compiled programs
+cached by an earlier run (figures with their commands: docs/benchmarks.md).
 A fixed recipe, so it trains on all 50,000 images; to change it, tune on the validation
 split: --config.data.validation_size=5000.
 """
