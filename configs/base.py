@@ -55,9 +55,11 @@ def get_config(variant: str = ""):
   c.model.name = "s9net"
   c.model.conv_impl = "auto"              # 'auto': CPU-fast convs, BatchNorm, dropout on CPU; lax on GPU/TPU.
   c.model.dtype = "float32"               # 'bfloat16': mixed precision (params stay float32).
-  c.model.pointwise_bf16 = False          # The separable convs' 1x1s on bfloat16 operands,
-                                          #   float32 sums (fast with AVX512-BF16; models.py).
-  c.model.dense_bf16 = False              # The same for the dense 3x3 convs after the stem.
+  # The separable convs' 1x1s, and the dense 3x3s after the stem, on bfloat16 operands
+  # with float32 sums: False, True, or 'auto', bfloat16 where its products run faster
+  # (GPU, TPU, AMD CPUs with AVX512-BF16; models.resolve_bf16).
+  c.model.pointwise_bf16 = ml_collections.FieldReference(False, field_type=object)
+  c.model.dense_bf16 = ml_collections.FieldReference(False, field_type=object)
   c.model.stem_width = 24
   c.model.stem_stride = 1                 # 2: the stem downsamples (see configs/fast.py).
   c.model.stem_depth = 0                  # Residual separable blocks at the stem's resolution.

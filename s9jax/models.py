@@ -15,10 +15,11 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
 
-from s9jax import ops
+from s9jax import native, ops
 
 NUM_CLASSES = 10
 # Mixed precision: activations and matmuls in bfloat16; parameters, BatchNorm statistics
@@ -32,6 +33,22 @@ ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu, "hardswish": nn.hard_swish}
 # on the branch before the sum (so the branch only ever adds, a form He et al. 2016's
 # "Identity Mappings" measured worse); 'sum', after the sum, as ResNet's basic block.
 RESIDUAL_ACTIVATIONS = ("branch", "sum")
+
+
+def resolve_bf16(value, impl: str) -> bool:
+  """`model.pointwise_bf16` or `model.dense_bf16` for a resolved conv implementation:
+  True or False as given; 'auto' is bfloat16 operands where their products run faster
+  than float32's: XLA's convs on a GPU or TPU, and the C++ kernels on a CPU that
+  `native.bf16_products_faster` names. A choice of numerics as well as of speed, so
+  every run's first line says what it resolved to."""
+  if isinstance(value, bool):
+    return value
+  if value != "auto":
+    raise ValueError(f"model.pointwise_bf16 and model.dense_bf16 must be True, False or "
+                     f"'auto', got {value!r}")
+  if impl == "native":
+    return native.bf16_products_faster()
+  return jax.default_backend() != "cpu"
 
 
 def conv_factory(conv_impl: str, dtype=jnp.float32, bf16: bool = False):
@@ -396,7 +413,7 @@ def create_model(model_config, conv_impl: str | None = None) -> nn.Module:
                  eca_kernel=model_config.eca_kernel,
                  zero_init_residual=model_config.zero_init_residual,
                  dropout=model_config.dropout,
-                 pointwise_bf16=model_config.pointwise_bf16,
-                 dense_bf16=model_config.dense_bf16,
+                 pointwise_bf16=resolve_bf16(model_config.pointwise_bf16, impl),
+                 dense_bf16=resolve_bf16(model_config.dense_bf16, impl),
                  conv_impl=impl, dtype=dtype)
   raise ValueError(f"unknown model.name {model_config.name!r}: expected 'seed' or 's9net'")

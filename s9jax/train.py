@@ -664,6 +664,9 @@ def validate_config(config):
   if config.whiten_stem and (config.model.name != "s9net" or config.model.stem_width % 2):
     problems.append("whiten_stem needs model.name 's9net' and an even model.stem_width "
                     "(half the filters are the other half negated)")
+  problems += [f"model.{key} must be True, False or 'auto', got {config.model[key]!r}"
+               for key in ("pointwise_bf16", "dense_bf16") if key in config.model
+               and not (isinstance(config.model[key], bool) or config.model[key] == "auto")]
   if config.lookahead_every < 0:
     problems.append(f"lookahead_every must be >= 0, got {config.lookahead_every}")
   if config.optimizer == "muon" and not config.muon_learning_rate > 0:
@@ -733,7 +736,19 @@ def run_header(config, impl: str) -> str:
   return (f"s9jax: jax {jax.__version__}, backend {jax.default_backend()}, {used} of "
           f"{len(devices)} {devices[0].device_kind} device(s) over {jax.process_count()} "
           f"process(es); conv_impl {config.model.conv_impl!r} -> {impl!r}: "
-          f"{ops.describe(impl)}")
+          f"{ops.describe(impl)}{_bf16_choices(config.model, impl)}")
+
+
+def _bf16_choices(model_config, impl: str) -> str:
+  """The bfloat16 convs a run asked for, and what 'auto' resolved to on this machine."""
+  said = []
+  for key in ("pointwise_bf16", "dense_bf16"):
+    value = model_config.get(key, False)
+    if value == "auto":
+      said.append(f"{key} 'auto' -> {models.resolve_bf16(value, impl)}")
+    elif value:
+      said.append(f"{key} True")
+  return "; " + ", ".join(said) if said else ""
 
 
 _DATA_BARRIERS = itertools.count()  # Barrier names are single-use: one per run, per process.

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from s9jax import models
+from s9jax import models, native
 from tests.conftest import load_config
 from tests.test_ops import NATIVE, native_kernels  # noqa: F401  The marker's fixture.
 
@@ -214,6 +214,24 @@ def test_eca_adds_its_taps_to_every_residual_block():
   config = load_config("tiny")
   config.model.eca_kernel = 3
   assert param_count(config) == 59_706 + 6 * 3  # Two blocks at 32x32, four in the stages.
+
+
+def test_auto_bf16_is_bfloat16_where_its_products_run_faster(monkeypatch):
+  # The C++ kernels: where `native.bf16_products_faster` says so. XLA's convs: on GPU and
+  # TPU, not on a CPU. True and False stay as they are.
+  for faster in (True, False):
+    monkeypatch.setattr(native, "bf16_products_faster", lambda: faster)
+    assert models.resolve_bf16("auto", "native") is faster
+    assert models.resolve_bf16(True, "native") is True
+    assert models.resolve_bf16(False, "native") is False
+  assert models.resolve_bf16("auto", "lax") is (jax.default_backend() != "cpu")
+  assert models.resolve_bf16("auto", "fast") is (jax.default_backend() != "cpu")
+  with pytest.raises(ValueError, match="True, False or 'auto'"):
+    models.resolve_bf16("bfloat16", "native")
+  config = load_config("fast").model
+  assert config.pointwise_bf16 == config.dense_bf16 == "auto"
+  net = models.create_model(config, conv_impl="lax")
+  assert net.pointwise_bf16 is net.dense_bf16 is (jax.default_backend() != "cpu")
 
 
 @pytest.mark.parametrize("impl", ["lax", "fast", pytest.param("native", marks=NATIVE)])

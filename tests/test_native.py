@@ -281,6 +281,23 @@ def test_library_is_keyed_by_the_headers_contents_not_their_path(tmp_path, monke
   assert native.library_path(compiler) != library
 
 
+def _cpuinfo(vendor, flags):
+  cpu = f"processor\t: {{}}\nvendor_id\t: {vendor}\nmodel name\t: A CPU\nflags\t\t: {flags}\n"
+  return "\n".join(cpu.format(k) for k in range(2))
+
+
+@pytest.mark.parametrize("cpuinfo,faster", [
+    (_cpuinfo("AuthenticAMD", "fpu avx512f avx512_bf16 avx512_vnni"), True),
+    # Measured 0.8-0.9x float32's step on an Intel Xeon with AVX512-BF16 and AMX.
+    (_cpuinfo("GenuineIntel", "fpu avx512f avx512_bf16 amx_bf16"), False),
+    (_cpuinfo("AuthenticAMD", "fpu avx2 avx512f avx512_vnni"), False),  # Rounds, then float32.
+    ("processor\t: 0\nvendor_id\t: AuthenticAMD\n", False),
+    ("", False),
+])
+def test_bf16_products_are_faster_on_amd_cpus_with_avx512_bf16(cpuinfo, faster):
+  assert native.bf16_products_faster(cpuinfo) is faster
+
+
 def test_host_gcc_on_x86_64_tunes_with_march_native():
   compiler = shutil.which("g++")
   if compiler is None or platform.machine() != "x86_64":

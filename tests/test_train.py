@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from s9jax import inference, input_pipeline, train
+from s9jax import inference, input_pipeline, native, train
 from tests.conftest import ROOT, load_config, tiny_config
 
 
@@ -373,6 +373,18 @@ def test_cli_trains_resumes_and_eval_restores_the_same_accuracy(tiny_archive, tm
   assert (work / "confusion_matrix.png").exists()
 
 
+def test_run_header_says_what_auto_bf16_resolved_to(monkeypatch):
+  # fast.py asks for 'auto': its first line names the precision this machine gave it.
+  fast, base = load_config("fast"), load_config("base")
+  for faster in (True, False):
+    monkeypatch.setattr(native, "bf16_products_faster", lambda: faster)
+    assert (f"pointwise_bf16 'auto' -> {faster}, dense_bf16 'auto' -> {faster}"
+            in train.run_header(fast, "native"))
+  fast.model.pointwise_bf16, fast.model.dense_bf16 = True, False
+  assert train.run_header(fast, "lax").endswith("; pointwise_bf16 True")
+  assert "bf16" not in train.run_header(base, "native")
+
+
 @pytest.mark.parametrize("override,message", [
     ({"learning_rate": 0.0}, "learning_rate must be > 0"),
     ({"num_epochs": -1}, "num_epochs must be > 0"),
@@ -385,6 +397,7 @@ def test_cli_trains_resumes_and_eval_restores_the_same_accuracy(tiny_archive, tm
     ({"data.validation_size": -1}, "validation_size must be >= 0"),
     ({"data.validation_size": 25}, "leaves fewer than one batch of 10"),
     ({"eval_translate": 16}, "eval_translate must be in"),
+    ({"model.dense_bf16": "yes"}, "model.dense_bf16 must be True, False or 'auto'"),
 ])
 def test_invalid_values_are_refused_before_any_work(tiny_archive, tmp_path, override, message):
   config = tiny_config(tiny_archive, tmp_path / "tfds", **override)
