@@ -1,13 +1,14 @@
 """The time-budget recipe for a 2-core CPU: `configs/base.py`'s network computed at a
 quarter of the stem's cost, its separable convs' 1x1s and its first stage's dense 3x3 on
-bfloat16 operands, 24 epochs of which the first 14 at 24 pixels, lighter augmentation,
-flip-and-translate test-time augmentation.
+bfloat16 operands where that is faster ('auto'), 24 epochs of which the first 14 at 24
+pixels, lighter augmentation, flip-and-translate test-time augmentation.
 
 Run:      python -m s9jax.train --config configs/fast.py --workdir runs/fast
-Expected: ~85.2% test accuracy (CIFAR-10 JPEG copy; 85.16 +- 0.26%, min 84.88%, over 5
-report seeds) in 5.4-7.4 min wall on a 2-core CPU with AVX512-BF16 (slower without; the
-range is one VM's fast and slow hours), dataset already prepared and compiled programs
-cached by an earlier run (figures with their commands: docs/benchmarks.md).
+Expected: ~85.2% test accuracy (CIFAR-10 JPEG copy, over 5 report seeds: 85.16 +- 0.26%,
+min 84.88%, on a 2-core AMD EPYC, in bfloat16, 5.4-7.4 min wall, the range one VM's fast
+and slow hours; 85.22 +- 0.30%, min 84.86%, on a 2-core Intel Xeon, in float32, 7.3-8.0
+min), dataset already prepared and compiled programs cached by an earlier run (figures
+with their commands: docs/benchmarks.md).
 A fixed recipe, so it trains on all 50,000 images; to change it, tune on the validation
 split: --config.data.validation_size=5000.
 """
