@@ -19,8 +19,9 @@
 // extensions, which each target lowers to its own registers (AVX/AVX-512, NEON). Two
 // things are architecture-specific: the spin-wait hint, which has a form per target, and
 // the bfloat16 dot products of the separable ops' 1x1 and the dense convs, when asked
-// for (AVX512-BF16 intrinsics where the compiler targets them, the float32 kernels on
-// rounded operands elsewhere).
+// for (AVX512-BF16 intrinsics where the compiler targets them, and AMX tiles for the
+// separable ops' 1x1 forward and input gradient where it targets those; the float32
+// kernels on rounded operands elsewhere).
 // The handlers check their operands' ranks and shapes and their attributes before any
 // work and return an InvalidArgument error (a Python exception) for a call the kernels
 // would read or write out of bounds for.
@@ -40,6 +41,10 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -902,8 +907,10 @@ void NormaliseReluGrad(int64_t rows, int64_t cols, int64_t c, const float* __res
 // or GPU does. CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids) multiply-add two input
 // channels per float32 lane in one instruction where a float32 FMA does one: the 1x1
 // products at fast.py's shapes ran 1.6-1.9x faster alone (the kernel gradient of the
-// 16x16 maps 1.1x, paying to pair its pixels), docs/performance.md. Other CPUs compute
-// the same rounded products with the float32 kernels (no faster than float32).
+// 16x16 maps 1.1x, paying to pair its pixels), docs/performance.md. Intel's run them no
+// faster than FMAs, so where the CPU has AMX tiles the 1x1's forward and input gradient
+// use those (AmxGemm). Other CPUs compute the same rounded products with the float32
+// kernels (no faster than float32).
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define S9_BF16_DOT 1
@@ -1010,6 +1017,93 @@ void Bf16Gemm(int64_t rows, int64_t pairs, int64_t cols, const uint16_t* a, int6
   });
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define S9_AMX 1
+// Intel's AMX tiles (Sapphire Rapids and later): one TDPBF16PS multiplies a 16 x 32
+// bfloat16 tile by a 32 x 16 one into 16 x 16 float32 sums. On a 2-core Xeon, where
+// fast.py's step ran 0.8-0.9x float32's with AVX512-BF16 products, tiles took its
+// bfloat16-1x1 step to ~1.05x float32's (docs/benchmarks.md, "fast.py on an Intel
+// Xeon"). Linux gives a process the tiles' state only when asked; if it refuses, the
+// AVX512-BF16 kernels compute the same products.
+bool AmxUsable() {
+  static const bool usable = [] {
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+}
+
+// The tile configuration LDTILECFG reads: per tile, its rows and bytes a row.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Bf16Gemm's products for a's pairs contiguous in each row (a_pair = 1), on AMX tiles:
+// out(row, c0, acc) for 16-row blocks of a, 16-column tiles of b, summed over 16 pairs
+// (a tail of fewer) at a time. Tiles 0-3: sums; 4, 5: a (16 pairs, the tail); 6, 7: b.
+template <typename Out>
+void AmxGemm(int64_t rows, int64_t pairs, int64_t cols, const uint16_t* a, int64_t a_row,
+             const uint16_t* b, Out&& out) {
+  const int64_t c16 = RoundUp16(cols), tiles = c16 / 16, tail = pairs % 16;
+  TileConfig config;
+  for (int t : {0, 1, 2, 3, 4, 6}) config.rows[t] = 16, config.bytes_per_row[t] = 64;
+  if (tail) {
+    config.rows[5] = 16, config.bytes_per_row[5] = static_cast<uint16_t>(4 * tail);
+    config.rows[7] = static_cast<uint8_t>(tail), config.bytes_per_row[7] = 64;
+  }
+  _tile_loadconfig(&config);
+  alignas(64) float sums[16][64];
+  alignas(64) uint16_t padded[16 * 2 * 256];  // A last block of fewer than 16 rows.
+  const int64_t a_stride = 4 * a_row, b_stride = 4 * c16;
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int64_t n = std::min<int64_t>(16, rows - r0);
+    const uint16_t* a_block = a + 2 * r0 * a_row;
+    if (n < 16) {  // Rows past the end read zeros from a copy.
+      std::memcpy(padded, a_block, n * a_stride);
+      std::memset(padded + 2 * n * a_row, 0, (16 - n) * a_stride);
+      a_block = padded;
+    }
+    for (int64_t t0 = 0; t0 < tiles; t0 += 4) {
+      const int64_t nt = std::min<int64_t>(4, tiles - t0);
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t j = 0; j < pairs; j += 16) {
+        const uint16_t* a_tile = a_block + 2 * j;
+        const uint16_t* b_tile = b + 2 * (j * c16 + 16 * t0);
+        // The tile numbers are immediates: one unrolled call per (a, b) pair of tiles.
+#define S9_AMX_STEP(A, B)                                                       \
+  _tile_loadd(A, a_tile, a_stride);                                             \
+  _tile_loadd(B, b_tile, b_stride);                                             \
+  _tile_dpbf16ps(0, A, B);                                                      \
+  if (nt > 1) { _tile_loadd(B, b_tile + 32, b_stride); _tile_dpbf16ps(1, A, B); } \
+  if (nt > 2) { _tile_loadd(B, b_tile + 64, b_stride); _tile_dpbf16ps(2, A, B); } \
+  if (nt > 3) { _tile_loadd(B, b_tile + 96, b_stride); _tile_dpbf16ps(3, A, B); }
+        if (pairs - j >= 16) {
+          S9_AMX_STEP(4, 6)
+        } else {
+          S9_AMX_STEP(5, 7)
+        }
+#undef S9_AMX_STEP
+      }
+      _tile_stored(0, &sums[0][0], sizeof sums[0]);
+      if (nt > 1) _tile_stored(1, &sums[0][16], sizeof sums[0]);
+      if (nt > 2) _tile_stored(2, &sums[0][32], sizeof sums[0]);
+      if (nt > 3) _tile_stored(3, &sums[0][48], sizeof sums[0]);
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t t = 0; t < nt; ++t)
+          out(r0 + r, (t0 + t) * 16, _mm512_load_ps(&sums[r][16 * t]));
+    }
+  }
+  _tile_release();
+}
+#else
+#define S9_AMX 0
+#endif
+
 // One image's y (pixels, f) = d (pixels, c) @ w, w packed in row pairs (ConvKernel);
 // `scratch` holds d in bfloat16. Also the input gradient: dd = dy @ w^T with (f, c).
 void Bf16Pointwise(int64_t pixels, int64_t c, int64_t f, const float* d,
@@ -1017,10 +1111,14 @@ void Bf16Pointwise(int64_t pixels, int64_t c, int64_t f, const float* d,
   const int64_t c2 = c + (c & 1);
   scratch.resize(pixels * c2);
   PackChannelPairs(pixels, c, d, scratch.data());
-  Bf16Gemm(pixels, c2 / 2, f, scratch.data(), c2 / 2, 1, packed, [&](int64_t r, int64_t c0,
-                                                                     __m512 v) {
+  const auto store = [&](int64_t r, int64_t c0, __m512 v) {
     _mm512_mask_storeu_ps(y + r * f + c0, TailMask(f - c0), v);
-  });
+  };
+#if S9_AMX
+  if (c2 <= 512 && AmxUsable())  // At most 256 pairs a row: AmxGemm's `padded`.
+    return AmxGemm(pixels, c2 / 2, f, scratch.data(), c2 / 2, packed, store);
+#endif
+  Bf16Gemm(pixels, c2 / 2, f, scratch.data(), c2 / 2, 1, packed, store);
 }
 
 // Adds a^T @ b to total (c, f), a and b (pairs, RoundUp16(c or f), 2) row pairs summed in
