@@ -1133,6 +1133,34 @@ void Bf16AddProducts(int64_t c, int64_t pairs, int64_t f, const uint16_t* a, con
   });
 }
 
+#if S9_AMX
+// src (r, c) float32 as the tiles' left operand of a product contracted over its rows:
+// dst (RoundUp16(c), ceil(r / 2)) of bfloat16 row pairs, dst[k, j] = (src[2j, k],
+// src[2j + 1, k]), zero past r and c. Each vector of 16 channel pairs (PackRowPairsOf's)
+// is scattered down a column.
+void PackRowPairsTransposed(int64_t r, int64_t c, const float* src, uint16_t* dst) {
+  const int64_t c16 = RoundUp16(c), pairs = (r + 1) / 2;
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
+                                              25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
+                                              18, 2, 17, 1, 16, 0);
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
+                                                           5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(static_cast<int32_t>(pairs)));
+  for (int64_t p = 0; p < r; p += 2) {
+    const float* even_row = src + p * c;
+    const float* odd_row = p + 1 < r ? even_row + c : nullptr;
+    for (int64_t c0 = 0; c0 < c16; c0 += 16) {
+      const __mmask16 m = TailMask(c - c0);
+      const __m512 even = _mm512_maskz_loadu_ps(m, even_row + c0);
+      const __m512 odd = odd_row ? _mm512_maskz_loadu_ps(m, odd_row + c0) : _mm512_setzero_ps();
+      const __m512i pairs_of_16 = _mm512_permutexvar_epi16(
+          interleave, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
+      _mm512_i32scatter_epi32(dst + 2 * (c0 * pairs + p / 2), rows, pairs_of_16, 4);
+    }
+  }
+}
+#endif
+
 // Adds one image's kernel gradient, d (pixels, c)^T @ dy (pixels, f), to total (c, f):
 // summed in float32 within the image, added in float64.
 void Bf16PointwiseKernelGrad(int64_t pixels, int64_t c, int64_t f, const float* d,
@@ -1141,8 +1169,21 @@ void Bf16PointwiseKernelGrad(int64_t pixels, int64_t c, int64_t f, const float* 
   scratch.resize(pairs * (c16 + RoundUp16(f)) * 2);
   uint16_t* d_pairs = scratch.data();
   uint16_t* dy_pairs = d_pairs + pairs * c16 * 2;
-  PackRowPairs(pixels, c, d, d_pairs);
   PackRowPairs(pixels, f, dy, dy_pairs);
+#if S9_AMX
+  if (AmxUsable()) {  // d's pixel pairs along its rows, channels down: the tiles' layout.
+    PackRowPairsTransposed(pixels, c, d, d_pairs);
+    return AmxGemm(c16, pairs, f, d_pairs, pairs, dy_pairs, [&](int64_t r, int64_t c0,
+                                                                 __m512 v) {
+      if (r >= c) return;
+      float sums[16];
+      _mm512_storeu_ps(sums, v);
+      const int64_t n = std::min<int64_t>(16, f - c0);
+      for (int64_t k = 0; k < n; ++k) total[r * f + c0 + k] += sums[k];
+    });
+  }
+#endif
+  PackRowPairs(pixels, c, d, d_pairs);
   Bf16AddProducts(c, pairs, f, d_pairs, dy_pairs, total);
 }
 #else
