@@ -57,7 +57,8 @@ def get_config(variant: str = ""):
   c.model.dtype = "float32"               # 'bfloat16': mixed precision (params stay float32).
   # The separable convs' 1x1s, and the dense 3x3s after the stem, on bfloat16 operands
   # with float32 sums: False, True, or 'auto', bfloat16 where its products run faster
-  # (GPU, TPU, AMD CPUs with AVX512-BF16; models.resolve_bf16).
+  # (GPU, TPU, AMD CPUs with AVX512-BF16, and the 1x1s on Intel's AMX tiles;
+  # models.resolve_bf16).
   c.model.pointwise_bf16 = ml_collections.FieldReference(False, field_type=object)
   c.model.dense_bf16 = ml_collections.FieldReference(False, field_type=object)
   c.model.stem_width = 24

@@ -40,12 +40,12 @@ def get_config(variant: str = ""):
     c.eval_translate = 1
     # The separable convs' 1x1s on bfloat16 operands, float32 sums, where that is the
     # faster: on an AMD EPYC with AVX512-BF16 they ran 1.6-1.9x, the step ~1.1x; on an
-    # Intel Xeon the step ran 0.8-0.9x float32's. 82.85 against float32's 82.97% on
-    # validation over three seeds (docs/benchmarks.md).
+    # Intel Xeon, on AMX tiles, the step 1.10-1.21x (its AVX512-BF16 alone: 0.87-0.94x).
+    # 82.85 against float32's 82.97% on validation over three seeds (docs/benchmarks.md).
     c.model.pointwise_bf16 = "auto"
     # And its dense 3x3 after the stem (Conv_1, 29% of its multiply-accumulates): 82.97
     # against 82.85% on validation over three seeds; on that AMD its kernels ran 1.1-1.6x
-    # faster alone, the whole step ~1.04x (docs/benchmarks.md).
+    # faster alone, the whole step ~1.04x; on that Xeon, without a tile path, slower.
     c.model.dense_bf16 = "auto"
   c.warmup_epochs = 1.0
   # A short run underfits more than it overfits: half the Affine rate, no CoarseDropout.

@@ -35,19 +35,24 @@ ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu, "hardswish": nn.hard_swish}
 RESIDUAL_ACTIVATIONS = ("branch", "sum")
 
 
-def resolve_bf16(value, impl: str) -> bool:
-  """`model.pointwise_bf16` or `model.dense_bf16` for a resolved conv implementation:
-  True or False as given; 'auto' is bfloat16 operands where their products run faster
-  than float32's: XLA's convs on a GPU or TPU, and the C++ kernels on a CPU that
-  `native.bf16_products_faster` names. A choice of numerics as well as of speed, so
-  every run's first line says what it resolved to."""
+# The bfloat16 convs whose products the C++ kernels also compute on AMX tiles.
+_BF16_ON_AMX_TILES = ("pointwise_bf16",)
+
+
+def resolve_bf16(key: str, value, impl: str) -> bool:
+  """`model.pointwise_bf16` or `model.dense_bf16` (`key`) for a resolved conv
+  implementation: True or False as given; 'auto' is bfloat16 operands where their
+  products run faster than float32's: XLA's convs on a GPU or TPU; the C++ kernels on an
+  AMD CPU with AVX512-BF16 (`native.bf16_products_faster`), and the separable convs' 1x1s
+  where the kernels put them on AMX tiles (`native.separable_bf16_on_amx`). A choice of
+  numerics as well as of speed, so every run's first line says what it resolved to."""
   if isinstance(value, bool):
     return value
   if value != "auto":
-    raise ValueError(f"model.pointwise_bf16 and model.dense_bf16 must be True, False or "
-                     f"'auto', got {value!r}")
+    raise ValueError(f"model.{key} must be True, False or 'auto', got {value!r}")
   if impl == "native":
-    return native.bf16_products_faster()
+    return native.bf16_products_faster() or (key in _BF16_ON_AMX_TILES
+                                             and native.separable_bf16_on_amx())
   return jax.default_backend() != "cpu"
 
 
@@ -413,7 +418,8 @@ def create_model(model_config, conv_impl: str | None = None) -> nn.Module:
                  eca_kernel=model_config.eca_kernel,
                  zero_init_residual=model_config.zero_init_residual,
                  dropout=model_config.dropout,
-                 pointwise_bf16=resolve_bf16(model_config.pointwise_bf16, impl),
-                 dense_bf16=resolve_bf16(model_config.dense_bf16, impl),
+                 pointwise_bf16=resolve_bf16("pointwise_bf16", model_config.pointwise_bf16,
+                                             impl),
+                 dense_bf16=resolve_bf16("dense_bf16", model_config.dense_bf16, impl),
                  conv_impl=impl, dtype=dtype)
   raise ValueError(f"unknown model.name {model_config.name!r}: expected 'seed' or 's9net'")

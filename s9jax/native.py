@@ -80,7 +80,8 @@ def bf16_products_faster(cpuinfo: str | None = None) -> bool:
   instruction does twice an FMA's products, and fast.py's 1x1s ran 1.6-1.9x; on an Intel
   Xeon with AVX512-BF16 (and AMX), fast.py's whole step ran 0.8-0.9x its float32 one;
   without AVX512-BF16 the kernels round the operands, then multiply in float32. So: an
-  AMD CPU with AVX512-BF16; elsewhere (macOS and Windows included) float32 is the faster."""
+  AMD CPU with AVX512-BF16; elsewhere (macOS and Windows included) float32 is the faster,
+  except for the products the kernels compute on AMX tiles (`separable_bf16_on_amx`)."""
   if cpuinfo is None:
     try:
       with open("/proc/cpuinfo") as f:
@@ -178,6 +179,17 @@ def available() -> bool:
     warnings.warn(f"s9jax's C++ CPU kernels are unavailable, using the XLA forms: {error}")
     return False
   return True
+
+
+@functools.cache
+def separable_bf16_on_amx() -> bool:
+  """Whether the kernels compute the separable ops' bfloat16 1x1 products on AMX tiles
+  (Intel Sapphire Rapids and later, on Linux, with a compiler that targets them): there
+  fast.py's step with its 1x1s in bfloat16 ran 1.10-1.21x its float32 one, on a 2-core
+  Xeon whose AVX512-BF16 products alone ran it 0.87-0.94x (docs/benchmarks.md)."""
+  if not available():
+    return False
+  return bool(ctypes.CDLL(str(build())).S9SeparableBf16OnAmx())
 
 
 def unavailable_reason() -> str:

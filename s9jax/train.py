@@ -745,7 +745,7 @@ def _bf16_choices(model_config, impl: str) -> str:
   for key in ("pointwise_bf16", "dense_bf16"):
     value = model_config.get(key, False)
     if value == "auto":
-      said.append(f"{key} 'auto' -> {models.resolve_bf16(value, impl)}")
+      said.append(f"{key} 'auto' -> {models.resolve_bf16(key, value, impl)}")
     elif value:
       said.append(f"{key} True")
   return "; " + ", ".join(said) if said else ""

@@ -216,18 +216,23 @@ def test_eca_adds_its_taps_to_every_residual_block():
   assert param_count(config) == 59_706 + 6 * 3  # Two blocks at 32x32, four in the stages.
 
 
-def test_auto_bf16_is_bfloat16_where_its_products_run_faster(monkeypatch):
-  # The C++ kernels: where `native.bf16_products_faster` says so. XLA's convs: on GPU and
+@pytest.mark.parametrize("amd_bf16,amx", [(False, False), (True, False), (False, True),
+                                           (True, True)])
+def test_auto_bf16_is_bfloat16_where_its_products_run_faster(monkeypatch, amd_bf16, amx):
+  # The C++ kernels: both on an AMD CPU with AVX512-BF16; the separable 1x1s alone where
+  # they run on AMX tiles (the dense convs have no tile path). XLA's convs: on GPU and
   # TPU, not on a CPU. True and False stay as they are.
-  for faster in (True, False):
-    monkeypatch.setattr(native, "bf16_products_faster", lambda: faster)
-    assert models.resolve_bf16("auto", "native") is faster
-    assert models.resolve_bf16(True, "native") is True
-    assert models.resolve_bf16(False, "native") is False
-  assert models.resolve_bf16("auto", "lax") is (jax.default_backend() != "cpu")
-  assert models.resolve_bf16("auto", "fast") is (jax.default_backend() != "cpu")
-  with pytest.raises(ValueError, match="True, False or 'auto'"):
-    models.resolve_bf16("bfloat16", "native")
+  monkeypatch.setattr(native, "bf16_products_faster", lambda: amd_bf16)
+  monkeypatch.setattr(native, "separable_bf16_on_amx", lambda: amx)
+  assert models.resolve_bf16("pointwise_bf16", "auto", "native") is (amd_bf16 or amx)
+  assert models.resolve_bf16("dense_bf16", "auto", "native") is amd_bf16
+  for key in ("pointwise_bf16", "dense_bf16"):
+    assert models.resolve_bf16(key, True, "native") is True
+    assert models.resolve_bf16(key, False, "native") is False
+    for impl in ("lax", "fast"):
+      assert models.resolve_bf16(key, "auto", impl) is (jax.default_backend() != "cpu")
+  with pytest.raises(ValueError, match="model.dense_bf16 must be True, False or 'auto'"):
+    models.resolve_bf16("dense_bf16", "bfloat16", "native")
   config = load_config("fast").model
   assert config.pointwise_bf16 == config.dense_bf16 == "auto"
   net = models.create_model(config, conv_impl="lax")

@@ -376,9 +376,10 @@ def test_cli_trains_resumes_and_eval_restores_the_same_accuracy(tiny_archive, tm
 def test_run_header_says_what_auto_bf16_resolved_to(monkeypatch):
   # fast.py asks for 'auto': its first line names the precision this machine gave it.
   fast, base = load_config("fast"), load_config("base")
-  for faster in (True, False):
-    monkeypatch.setattr(native, "bf16_products_faster", lambda: faster)
-    assert (f"pointwise_bf16 'auto' -> {faster}, dense_bf16 'auto' -> {faster}"
+  for amd_bf16, amx in ((True, False), (False, True), (False, False)):
+    monkeypatch.setattr(native, "bf16_products_faster", lambda: amd_bf16)
+    monkeypatch.setattr(native, "separable_bf16_on_amx", lambda: amx)
+    assert (f"pointwise_bf16 'auto' -> {amd_bf16 or amx}, dense_bf16 'auto' -> {amd_bf16}"
             in train.run_header(fast, "native"))
   fast.model.pointwise_bf16, fast.model.dense_bf16 = True, False
   assert train.run_header(fast, "lax").endswith("; pointwise_bf16 True")

@@ -1943,3 +1943,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(S9BilinearSample, BilinearSample,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // rows (n, ho, wo)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // cols (n, ho, wo)
                                   .Ret<ffi::Buffer<ffi::F32>>());  // y (n, ho, wo, c)
+
+// 1 if the separable ops' bfloat16 1x1 products run on AMX tiles in this process (the
+// library targets them and Linux granted them), else 0: native.py asks, for
+// `model.pointwise_bf16 = 'auto'`.
+extern "C" int S9SeparableBf16OnAmx() {
+#if S9_AMX
+  return AmxUsable() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
