@@ -35,8 +35,17 @@ ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu, "hardswish": nn.hard_swish}
 RESIDUAL_ACTIVATIONS = ("branch", "sum")
 
 
-# The bfloat16 convs whose products the C++ kernels also compute on AMX tiles.
+# `model` keys that put convs on bfloat16 operands (True, False or 'auto'), and those
+# whose products the C++ kernels also compute on AMX tiles.
+BF16_KEYS = ("pointwise_bf16", "dense_bf16")
 _BF16_ON_AMX_TILES = ("pointwise_bf16",)
+
+
+def bf16_value_problem(key: str, value) -> str | None:
+  """Why `value` cannot be model.`key` (one of BF16_KEYS), or None if it can."""
+  if isinstance(value, bool) or value == "auto":
+    return None
+  return f"model.{key} must be True, False or 'auto', got {value!r}"
 
 
 def resolve_bf16(key: str, value, impl: str) -> bool:
@@ -46,10 +55,10 @@ def resolve_bf16(key: str, value, impl: str) -> bool:
   AMD CPU with AVX512-BF16 (`native.bf16_products_faster`), and the separable convs' 1x1s
   where the kernels put them on AMX tiles (`native.separable_bf16_on_amx`). A choice of
   numerics as well as of speed, so every run's first line says what it resolved to."""
+  if problem := bf16_value_problem(key, value):
+    raise ValueError(problem)
   if isinstance(value, bool):
     return value
-  if value != "auto":
-    raise ValueError(f"model.{key} must be True, False or 'auto', got {value!r}")
   if impl == "native":
     return native.bf16_products_faster() or (key in _BF16_ON_AMX_TILES
                                              and native.separable_bf16_on_amx())

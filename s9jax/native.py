@@ -54,6 +54,7 @@ TARGETS = {"s9_depthwise_forward": "S9DepthwiseForward",
 MAX_TAPS = 16  # kMaxTaps in kernels.cc.
 
 _unavailable_reason = ""
+_library = None  # The loaded kernels, once available() has loaded them.
 
 
 def cache_dir() -> pathlib.Path:
@@ -62,14 +63,21 @@ def cache_dir() -> pathlib.Path:
   return pathlib.Path(root)
 
 
+@functools.cache
+def _cpuinfo() -> str:
+  """/proc/cpuinfo's text; empty where there is none (macOS, Windows)."""
+  try:
+    with open("/proc/cpuinfo") as cpuinfo:
+      return cpuinfo.read()
+  except OSError:
+    return ""
+
+
 def _cpu_signature() -> str:
   """What -march=native depends on: a home directory shared by different CPUs must not
   share one library."""
-  try:
-    with open("/proc/cpuinfo") as cpuinfo:
-      lines = [l for l in cpuinfo if l.startswith(("model name", "flags"))][:2]
-  except OSError:
-    lines = []
+  lines = [l for l in _cpuinfo().splitlines(keepends=True)
+           if l.startswith(("model name", "flags"))][:2]
   return platform.machine() + "".join(lines)
 
 
@@ -82,13 +90,7 @@ def bf16_products_faster(cpuinfo: str | None = None) -> bool:
   without AVX512-BF16 the kernels round the operands, then multiply in float32. So: an
   AMD CPU with AVX512-BF16; elsewhere (macOS and Windows included) float32 is the faster,
   except for the products the kernels compute on AMX tiles (`separable_bf16_on_amx`)."""
-  if cpuinfo is None:
-    try:
-      with open("/proc/cpuinfo") as f:
-        cpuinfo = f.read()
-    except OSError:
-      return False
-  first_cpu = cpuinfo.split("\n\n", 1)[0]
+  first_cpu = (_cpuinfo() if cpuinfo is None else cpuinfo).split("\n\n", 1)[0]
   fields = {key.strip(): value.split() for key, _, value in
             (line.partition(":") for line in first_cpu.splitlines())}
   return fields.get("vendor_id") == ["AuthenticAMD"] and "avx512_bf16" in fields.get("flags", [])
@@ -165,12 +167,12 @@ def build() -> pathlib.Path:
 @functools.cache
 def available() -> bool:
   """Builds (once per machine), loads and registers the kernels; False if that fails."""
-  global _unavailable_reason
+  global _unavailable_reason, _library
   if os.environ.get("S9JAX_NATIVE", "1") == "0":
     _unavailable_reason = "turned off by S9JAX_NATIVE=0"
     return False
   try:
-    library = ctypes.CDLL(str(build()))
+    library = _library = ctypes.CDLL(str(build()))
     for target, symbol in TARGETS.items():
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                   platform="cpu")
@@ -187,9 +189,7 @@ def separable_bf16_on_amx() -> bool:
   (Intel Sapphire Rapids and later, on Linux, with a compiler that targets them): there
   fast.py's step with its 1x1s in bfloat16 ran 1.10-1.21x its float32 one, on a 2-core
   Xeon whose AVX512-BF16 products alone ran it 0.87-0.94x (docs/benchmarks.md)."""
-  if not available():
-    return False
-  return bool(ctypes.CDLL(str(build())).S9SeparableBf16OnAmx())
+  return available() and bool(_library.S9SeparableBf16OnAmx())
 
 
 def unavailable_reason() -> str:

@@ -664,9 +664,8 @@ def validate_config(config):
   if config.whiten_stem and (config.model.name != "s9net" or config.model.stem_width % 2):
     problems.append("whiten_stem needs model.name 's9net' and an even model.stem_width "
                     "(half the filters are the other half negated)")
-  problems += [f"model.{key} must be True, False or 'auto', got {config.model[key]!r}"
-               for key in ("pointwise_bf16", "dense_bf16") if key in config.model
-               and not (isinstance(config.model[key], bool) or config.model[key] == "auto")]
+  problems += [problem for key in models.BF16_KEYS if key in config.model
+               if (problem := models.bf16_value_problem(key, config.model[key]))]
   if config.lookahead_every < 0:
     problems.append(f"lookahead_every must be >= 0, got {config.lookahead_every}")
   if config.optimizer == "muon" and not config.muon_learning_rate > 0:
@@ -742,7 +741,7 @@ def run_header(config, impl: str) -> str:
 def _bf16_choices(model_config, impl: str) -> str:
   """The bfloat16 convs a run asked for, and what 'auto' resolved to on this machine."""
   said = []
-  for key in ("pointwise_bf16", "dense_bf16"):
+  for key in models.BF16_KEYS:
     value = model_config.get(key, False)
     if value == "auto":
       said.append(f"{key} 'auto' -> {models.resolve_bf16(key, value, impl)}")

@@ -20,8 +20,8 @@
 // things are architecture-specific: the spin-wait hint, which has a form per target, and
 // the bfloat16 dot products of the separable ops' 1x1 and the dense convs, when asked
 // for (AVX512-BF16 intrinsics where the compiler targets them, and AMX tiles for the
-// separable ops' 1x1 forward and input gradient where it targets those; the float32
-// kernels on rounded operands elsewhere).
+// separable ops' 1x1 where it targets those; the float32 kernels on rounded operands
+// elsewhere).
 // The handlers check their operands' ranks and shapes and their attributes before any
 // work and return an InvalidArgument error (a Python exception) for a call the kernels
 // would read or write out of bounds for.
@@ -908,8 +908,8 @@ void NormaliseReluGrad(int64_t rows, int64_t cols, int64_t c, const float* __res
 // channels per float32 lane in one instruction where a float32 FMA does one: the 1x1
 // products at fast.py's shapes ran 1.6-1.9x faster alone (the kernel gradient of the
 // 16x16 maps 1.1x, paying to pair its pixels), docs/performance.md. Intel's run them no
-// faster than FMAs, so where the CPU has AMX tiles the 1x1's forward and input gradient
-// use those (AmxGemm). Other CPUs compute the same rounded products with the float32
+// faster than FMAs, so where the CPU has AMX tiles the 1x1's three products use those
+// (AmxGemm). Other CPUs compute the same rounded products with the float32
 // kernels (no faster than float32).
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -922,12 +922,11 @@ inline __mmask16 TailMask(int64_t n) {
   return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
-// r rows of c float32, row k at row(k) (null: zeros), as row pairs: dst (ceil(r / 2),
-// RoundUp16(c), 2) bfloat16 with dst[k, j] = (row(2k)[j], row(2k + 1)[j]), zero past r
-// and c: the layout of a matrix contracted over its rows, one 32-bit pair per lane.
-template <typename Row>
-void PackRowPairsOf(int64_t r, int64_t c, Row&& row, uint16_t* dst) {
-  const int64_t c16 = RoundUp16(c);
+// Calls store(p / 2, c0, v) for each row pair p, p + 1 < r and 16 columns c0 < c of r
+// rows of c float32, row k at row(k) (null: zeros): v holds the 16 pairs (row(p)[j],
+// row(p + 1)[j]) in bfloat16, zero past r and c, one 32-bit pair per lane.
+template <typename Row, typename Store>
+void ForRowPairs(int64_t r, int64_t c, Row&& row, Store&& store) {
   // cvtne2ps puts the even row's 16 values in the low half, the odd row's in the high.
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
                                               25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
@@ -935,15 +934,25 @@ void PackRowPairsOf(int64_t r, int64_t c, Row&& row, uint16_t* dst) {
   for (int64_t p = 0; p < r; p += 2) {
     const float* even_row = row(p);
     const float* odd_row = p + 1 < r ? row(p + 1) : nullptr;
-    for (int64_t c0 = 0; c0 < c16; c0 += 16) {
+    for (int64_t c0 = 0; c0 < c; c0 += 16) {
       const __mmask16 m = TailMask(c - c0);
       const __m512 even = even_row ? _mm512_maskz_loadu_ps(m, even_row + c0) : _mm512_setzero_ps();
       const __m512 odd = odd_row ? _mm512_maskz_loadu_ps(m, odd_row + c0) : _mm512_setzero_ps();
       const __m512i pairs = (__m512i)_mm512_cvtne2ps_pbh(odd, even);
-      _mm512_storeu_si512(dst + (p / 2 * c16 + c0) * 2,
-                          _mm512_permutexvar_epi16(interleave, pairs));
+      store(p / 2, c0, _mm512_permutexvar_epi16(interleave, pairs));
     }
   }
+}
+
+// r rows of c float32, row k at row(k) (null: zeros), as row pairs: dst (ceil(r / 2),
+// RoundUp16(c), 2) bfloat16 with dst[k, j] = (row(2k)[j], row(2k + 1)[j]), zero past r
+// and c: the layout of a matrix contracted over its rows, one 32-bit pair per lane.
+template <typename Row>
+void PackRowPairsOf(int64_t r, int64_t c, Row&& row, uint16_t* dst) {
+  const int64_t c16 = RoundUp16(c);
+  ForRowPairs(r, c, row, [&](int64_t pair, int64_t c0, __m512i v) {
+    _mm512_storeu_si512(dst + (pair * c16 + c0) * 2, v);
+  });
 }
 
 // src (r, c) float32 as row pairs (PackRowPairsOf).
@@ -1022,7 +1031,7 @@ void Bf16Gemm(int64_t rows, int64_t pairs, int64_t cols, const uint16_t* a, int6
 // Intel's AMX tiles (Sapphire Rapids and later): one TDPBF16PS multiplies a 16 x 32
 // bfloat16 tile by a 32 x 16 one into 16 x 16 float32 sums. On a 2-core Xeon, where
 // fast.py's step ran 0.8-0.9x float32's with AVX512-BF16 products, tiles took its
-// bfloat16-1x1 step to ~1.05x float32's (docs/benchmarks.md, "fast.py on an Intel
+// bfloat16-1x1 step to 1.10-1.21x float32's (docs/benchmarks.md, "fast.py on an Intel
 // Xeon"). Linux gives a process the tiles' state only when asked; if it refuses, the
 // AVX512-BF16 kernels compute the same products.
 bool AmxUsable() {
@@ -1136,28 +1145,17 @@ void Bf16AddProducts(int64_t c, int64_t pairs, int64_t f, const uint16_t* a, con
 #if S9_AMX
 // src (r, c) float32 as the tiles' left operand of a product contracted over its rows:
 // dst (RoundUp16(c), ceil(r / 2)) of bfloat16 row pairs, dst[k, j] = (src[2j, k],
-// src[2j + 1, k]), zero past r and c. Each vector of 16 channel pairs (PackRowPairsOf's)
-// is scattered down a column.
+// src[2j + 1, k]), zero past r and c. Each vector of 16 channel pairs (ForRowPairs's) is
+// scattered down a column.
 void PackRowPairsTransposed(int64_t r, int64_t c, const float* src, uint16_t* dst) {
-  const int64_t c16 = RoundUp16(c), pairs = (r + 1) / 2;
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
-                                              25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
-                                              18, 2, 17, 1, 16, 0);
+  const int64_t pairs = (r + 1) / 2;
   const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
                                                            5, 4, 3, 2, 1, 0),
                                           _mm512_set1_epi32(static_cast<int32_t>(pairs)));
-  for (int64_t p = 0; p < r; p += 2) {
-    const float* even_row = src + p * c;
-    const float* odd_row = p + 1 < r ? even_row + c : nullptr;
-    for (int64_t c0 = 0; c0 < c16; c0 += 16) {
-      const __mmask16 m = TailMask(c - c0);
-      const __m512 even = _mm512_maskz_loadu_ps(m, even_row + c0);
-      const __m512 odd = odd_row ? _mm512_maskz_loadu_ps(m, odd_row + c0) : _mm512_setzero_ps();
-      const __m512i pairs_of_16 = _mm512_permutexvar_epi16(
-          interleave, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
-      _mm512_i32scatter_epi32(dst + 2 * (c0 * pairs + p / 2), rows, pairs_of_16, 4);
-    }
-  }
+  ForRowPairs(r, c, [&](int64_t k) { return src + k * c; },
+              [&](int64_t pair, int64_t c0, __m512i v) {
+                _mm512_i32scatter_epi32(dst + 2 * (c0 * pairs + pair), rows, v, 4);
+              });
 }
 #endif
 
