@@ -35,10 +35,8 @@ ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu, "hardswish": nn.hard_swish}
 RESIDUAL_ACTIVATIONS = ("branch", "sum")
 
 
-# `model` keys that put convs on bfloat16 operands (True, False or 'auto'), and those
-# whose products the C++ kernels also compute on AMX tiles.
+# `model` keys that put convs on bfloat16 operands (True, False or 'auto').
 BF16_KEYS = ("pointwise_bf16", "dense_bf16")
-_BF16_ON_AMX_TILES = ("pointwise_bf16",)
 
 
 def bf16_value_problem(key: str, value) -> str | None:
@@ -52,16 +50,15 @@ def resolve_bf16(key: str, value, impl: str) -> bool:
   """`model.pointwise_bf16` or `model.dense_bf16` (`key`) for a resolved conv
   implementation: True or False as given; 'auto' is bfloat16 operands where their
   products run faster than float32's: XLA's convs on a GPU or TPU; the C++ kernels on an
-  AMD CPU with AVX512-BF16 (`native.bf16_products_faster`), and the separable convs' 1x1s
-  where the kernels put them on AMX tiles (`native.separable_bf16_on_amx`). A choice of
-  numerics as well as of speed, so every run's first line says what it resolved to."""
+  AMD CPU with AVX512-BF16 (`native.bf16_products_faster`) or where they put the
+  products on AMX tiles (`native.bf16_on_amx`). A choice of numerics as well as of speed,
+  so every run's first line says what it resolved to."""
   if problem := bf16_value_problem(key, value):
     raise ValueError(problem)
   if isinstance(value, bool):
     return value
   if impl == "native":
-    return native.bf16_products_faster() or (key in _BF16_ON_AMX_TILES
-                                             and native.separable_bf16_on_amx())
+    return native.bf16_products_faster() or native.bf16_on_amx()
   return jax.default_backend() != "cpu"
 
 

@@ -89,7 +89,7 @@ def bf16_products_faster(cpuinfo: str | None = None) -> bool:
   Xeon with AVX512-BF16 (and AMX), fast.py's whole step ran 0.8-0.9x its float32 one;
   without AVX512-BF16 the kernels round the operands, then multiply in float32. So: an
   AMD CPU with AVX512-BF16; elsewhere (macOS and Windows included) float32 is the faster,
-  except for the products the kernels compute on AMX tiles (`separable_bf16_on_amx`)."""
+  except where the kernels compute them on AMX tiles (`bf16_on_amx`)."""
   first_cpu = (_cpuinfo() if cpuinfo is None else cpuinfo).split("\n\n", 1)[0]
   fields = {key.strip(): value.split() for key, _, value in
             (line.partition(":") for line in first_cpu.splitlines())}
@@ -184,12 +184,13 @@ def available() -> bool:
 
 
 @functools.cache
-def separable_bf16_on_amx() -> bool:
-  """Whether the kernels compute the separable ops' bfloat16 1x1 products on AMX tiles
-  (Intel Sapphire Rapids and later, on Linux, with a compiler that targets them): there
-  fast.py's step with its 1x1s in bfloat16 ran 1.10-1.21x its float32 one, on a 2-core
-  Xeon whose AVX512-BF16 products alone ran it 0.87-0.94x (docs/benchmarks.md)."""
-  return available() and bool(_library.S9SeparableBf16OnAmx())
+def bf16_on_amx() -> bool:
+  """Whether the kernels compute their bfloat16 products (the separable ops' 1x1s and
+  the dense convs) on AMX tiles (Intel Sapphire Rapids and later, on Linux, with a
+  compiler that targets them): on a 2-core Xeon whose AVX512-BF16 products alone ran
+  fast.py's step 0.80-0.94x its float32 one, the tiles ran it faster (docs/benchmarks.md,
+  "fast.py on an Intel Xeon")."""
+  return available() and bool(_library.S9Bf16OnAmx())
 
 
 def unavailable_reason() -> str:

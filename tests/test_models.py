@@ -219,13 +219,12 @@ def test_eca_adds_its_taps_to_every_residual_block():
 @pytest.mark.parametrize("amd_bf16,amx", [(False, False), (True, False), (False, True),
                                            (True, True)])
 def test_auto_bf16_is_bfloat16_where_its_products_run_faster(monkeypatch, amd_bf16, amx):
-  # The C++ kernels: both on an AMD CPU with AVX512-BF16; the separable 1x1s alone where
-  # they run on AMX tiles (the dense convs have no tile path). XLA's convs: on GPU and
-  # TPU, not on a CPU. True and False stay as they are.
+  # The C++ kernels: on an AMD CPU with AVX512-BF16, and where they run on AMX tiles.
+  # XLA's convs: on GPU and TPU, not on a CPU. True and False stay as they are.
   monkeypatch.setattr(native, "bf16_products_faster", lambda: amd_bf16)
-  monkeypatch.setattr(native, "separable_bf16_on_amx", lambda: amx)
-  assert models.resolve_bf16("pointwise_bf16", "auto", "native") is (amd_bf16 or amx)
-  assert models.resolve_bf16("dense_bf16", "auto", "native") is amd_bf16
+  monkeypatch.setattr(native, "bf16_on_amx", lambda: amx)
+  for key in ("pointwise_bf16", "dense_bf16"):
+    assert models.resolve_bf16(key, "auto", "native") is (amd_bf16 or amx)
   for key in ("pointwise_bf16", "dense_bf16"):
     assert models.resolve_bf16(key, True, "native") is True
     assert models.resolve_bf16(key, False, "native") is False

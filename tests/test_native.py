@@ -299,16 +299,16 @@ def test_bf16_products_are_faster_on_amd_cpus_with_avx512_bf16(cpuinfo, faster):
 
 
 @NATIVE
-def test_separable_bf16_on_amx_only_where_the_cpu_has_the_tiles():
+def test_bf16_on_amx_only_where_the_cpu_has_the_tiles():
   # The library's answer, from the kernels it built: never tiles on a CPU without them
   # (there, and on this machine too, tests/test_ops.py's bf16 tests check the products).
   try:
     flags = open("/proc/cpuinfo").read()
   except OSError:
     flags = ""
-  assert native.separable_bf16_on_amx() in (True, False)
+  assert native.bf16_on_amx() in (True, False)
   if "amx_bf16" not in flags:
-    assert not native.separable_bf16_on_amx()
+    assert not native.bf16_on_amx()
 
 
 def test_host_gcc_on_x86_64_tunes_with_march_native():

@@ -293,13 +293,16 @@ def test_fused_separable_bf16_matches_rounded_operands(x_shape, features, stride
 # operands, summed in float32, against XLA's conv of the rounded operands and its
 # gradients for a rounded dy. Unstrided (the input gradient as a conv of dy), strided and
 # dilated (the input gradient added tap by tap), odd channel counts (pairs padded with
-# zero), asymmetric padding, odd pixel counts (the kernel gradient's pixel pairs) and
-# outputs not a multiple of 16 (masked vectors); 3 input channels as the stem has.
+# zero), asymmetric padding, odd pixel counts (the kernel gradient's pixel pairs),
+# outputs not a multiple of 16 (masked vectors), rows wider than 16 pixels and more than
+# 64 output channels (AMX tiles: 16 pixels by 4 tiles of 16 at a time); 3 input channels
+# as the stem has.
 @NATIVE
 @pytest.mark.parametrize("x_shape,features,stride,dilation,pads", [
     ((3, 9, 11, 5), 19, 1, 1, ((1, 1), (1, 1))), ((2, 16, 16, 24), 48, 1, 1, ((1, 1), (1, 1))),
     ((2, 12, 10, 7), 33, 2, 2, ((2, 2), (2, 2))), ((2, 7, 9, 16), 32, 2, 1, ((0, 1), (0, 1))),
-    ((2, 8, 8, 3), 24, 2, 1, ((1, 1), (1, 1))), ((2, 9, 9, 8), 17, 1, 2, ((1, 3), (2, 2)))])
+    ((2, 8, 8, 3), 24, 2, 1, ((1, 1), (1, 1))), ((2, 9, 9, 8), 17, 1, 2, ((1, 3), (2, 2))),
+    ((2, 5, 37, 6), 70, 1, 1, ((1, 1), (1, 1)))])
 def test_dense_bf16_matches_rounded_operands(x_shape, features, stride, dilation, pads):
   x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
   kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, x_shape[-1], features))

@@ -378,8 +378,9 @@ def test_run_header_says_what_auto_bf16_resolved_to(monkeypatch):
   fast, base = load_config("fast"), load_config("base")
   for amd_bf16, amx in ((True, False), (False, True), (False, False)):
     monkeypatch.setattr(native, "bf16_products_faster", lambda: amd_bf16)
-    monkeypatch.setattr(native, "separable_bf16_on_amx", lambda: amx)
-    assert (f"pointwise_bf16 'auto' -> {amd_bf16 or amx}, dense_bf16 'auto' -> {amd_bf16}"
+    monkeypatch.setattr(native, "bf16_on_amx", lambda: amx)
+    want = amd_bf16 or amx
+    assert (f"pointwise_bf16 'auto' -> {want}, dense_bf16 'auto' -> {want}"
             in train.run_header(fast, "native"))
   fast.model.pointwise_bf16, fast.model.dense_bf16 = True, False
   assert train.run_header(fast, "lax").endswith("; pointwise_bf16 True")
