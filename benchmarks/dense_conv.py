@@ -7,7 +7,8 @@ this machine.
 
 One line per shape: (N, H, W, CIN) -> COUT, stride s, dilation d, then `float32` and
 `bf16`, each forward / input gradient / kernel gradient ms. Without AVX512-BF16 the bf16
-column computes the same rounded products with the float32 kernels (no faster).
+column computes the same rounded products with the float32 kernels (no faster); with AMX
+tiles (`native.bf16_on_amx()`) it computes them there, but for a strided input gradient.
 """
 
 from __future__ import annotations
