@@ -1208,8 +1208,8 @@ inline void Transpose16x16(__m512i (&r)[16]) {
 // src (r, c) float32 as the tiles' left operand of a product contracted over its rows:
 // dst (RoundUp16(c), ceil(r / 2)) of bfloat16 row pairs, dst[k, j] = (src[2j, k],
 // src[2j + 1, k]), zero past r and c. 16 pairs by 16 channels at a time, transposed in
-// registers: fast.py's step ran 1.04x its speed with each vector of pairs scattered down
-// a column (five rounds, alternating, on a 2-core Xeon).
+// registers: fast.py's step ran 1.04x as fast as with each vector of pairs scattered
+// down a column (five rounds, alternating, on a 2-core Xeon).
 void PackRowPairsTransposed(int64_t r, int64_t c, const float* src, uint16_t* dst) {
   const int64_t pairs = (r + 1) / 2;
   for (int64_t j0 = 0; j0 < pairs; j0 += 16) {
@@ -1376,8 +1376,8 @@ void PointwiseKernelGrad(int64_t pixels, int64_t c, int64_t f, bool bf16, float*
 // product, the kernel gradient two output pixels; on AMX tiles the same pairs, 16 x 16
 // sums at a time (AmxDenseForwardImage, PackTapPairs). On a 2-core Xeon, fast.py's
 // Conv_1 (128 x 16 x 16 x 24 -> 48) took, against the float32 kernels: forward 0.7-0.8
-// ms against 2.5-3.3, input gradient 0.7-1.0 against 3.5-3.8, kernel gradient 2.1-2.6
-// against 2.9-3.1 (the packing its tiles need is most of it). Other CPUs run the
+// ms against 2.5-3.3, input gradient 0.7-1.0 against 3.5-3.8, kernel gradient ~1.8
+// against 2.9-3.2 (the packing its tiles need is most of it). Other CPUs run the
 // float32 kernels on rounded operands.
 
 #if S9_BF16_DOT
