@@ -45,7 +45,7 @@ def get_config(variant: str = ""):
     c.model.pointwise_bf16 = "auto"
     # And its dense 3x3 after the stem (Conv_1, 29% of its multiply-accumulates): 82.97
     # against 82.85% on validation over three seeds; on that AMD its kernels ran 1.1-1.6x
-    # faster alone, the whole step ~1.04x; on that Xeon, on AMX tiles, 1.2-5x alone, the
+    # faster alone, the whole step ~1.04x; on that Xeon, on AMX tiles, 1.1-5x alone, the
     # step 1.06-1.17x over the 1x1s' alone.
     c.model.dense_bf16 = "auto"
   c.warmup_epochs = 1.0
