@@ -19,9 +19,8 @@
 // extensions, which each target lowers to its own registers (AVX/AVX-512, NEON). Two
 // things are architecture-specific: the spin-wait hint, which has a form per target, and
 // the bfloat16 dot products of the separable ops' 1x1 and the dense convs, when asked
-// for (AVX512-BF16 intrinsics where the compiler targets them, and AMX tiles for the
-// separable ops' 1x1 where it targets those; the float32 kernels on rounded operands
-// elsewhere).
+// for (AVX512-BF16 intrinsics where the compiler targets them, and AMX tiles where it
+// targets those; the float32 kernels on rounded operands elsewhere).
 // The handlers check their operands' ranks and shapes and their attributes before any
 // work and return an InvalidArgument error (a Python exception) for a call the kernels
 // would read or write out of bounds for.
@@ -1167,16 +1166,24 @@ void Bf16Pointwise(int64_t pixels, int64_t c, int64_t f, const float* d,
   Bf16Gemm(pixels, c2 / 2, f, scratch.data(), c2 / 2, 1, packed, store);
 }
 
-// Adds a^T @ b to total (c, f), a and b (pairs, RoundUp16(c or f), 2) row pairs summed in
-// float32, added in float64: a kernel gradient, contracted over pixels.
-void Bf16AddProducts(int64_t c, int64_t pairs, int64_t f, const uint16_t* a, const uint16_t* b,
-                     double* total) {
-  Bf16Gemm(c, pairs, f, a, 1, RoundUp16(c), b, [&](int64_t r, int64_t c0, __m512 v) {
+// The products' out(r, c0, v) for a kernel gradient: adds the float32 sums v of row r,
+// columns [c0, c0 + 16), to total (rows, f) in float64; rows past `rows` (a block's
+// padding) and columns past f are dropped.
+inline auto AddSumsTo(double* total, int64_t rows, int64_t f) {
+  return [=](int64_t r, int64_t c0, __m512 v) {
+    if (r >= rows) return;
     float sums[16];
     _mm512_storeu_ps(sums, v);
     const int64_t n = std::min<int64_t>(16, f - c0);
     for (int64_t k = 0; k < n; ++k) total[r * f + c0 + k] += sums[k];
-  });
+  };
+}
+
+// Adds a^T @ b to total (c, f), a and b (pairs, RoundUp16(c or f), 2) row pairs summed in
+// float32, added in float64: a kernel gradient, contracted over pixels.
+void Bf16AddProducts(int64_t c, int64_t pairs, int64_t f, const uint16_t* a, const uint16_t* b,
+                     double* total) {
+  Bf16Gemm(c, pairs, f, a, 1, RoundUp16(c), b, AddSumsTo(total, c, f));
 }
 
 #if S9_AMX
@@ -1242,14 +1249,7 @@ void Bf16PointwiseKernelGrad(int64_t pixels, int64_t c, int64_t f, const float* 
 #if S9_AMX
   if (AmxUsable()) {  // d's pixel pairs along its rows, channels down: the tiles' layout.
     PackRowPairsTransposed(pixels, c, d, d_pairs);
-    return AmxGemm(c16, pairs, f, d_pairs, pairs, dy_pairs, [&](int64_t r, int64_t c0,
-                                                                 __m512 v) {
-      if (r >= c) return;
-      float sums[16];
-      _mm512_storeu_ps(sums, v);
-      const int64_t n = std::min<int64_t>(16, f - c0);
-      for (int64_t k = 0; k < n; ++k) total[r * f + c0 + k] += sums[k];
-    });
+    return AmxGemm(c16, pairs, f, d_pairs, pairs, dy_pairs, AddSumsTo(total, c, f));
   }
 #endif
   PackRowPairs(pixels, c, d, d_pairs);
