@@ -85,9 +85,11 @@ class BatchNorm(nn.Module):
   scale_init: Any = nn.initializers.ones
 
   @nn.compact
-  def __call__(self, x, as_prologue: bool = False):
+  def __call__(self, x, as_prologue: bool = False, sums=None):
     """The normalised x; with `as_prologue`, the (shift, scale, bias) that normalise it as
-    scale * (x - shift) + bias, for the next op to apply (`ops.separable_of_normalised`)."""
+    scale * (x - shift) + bias, for the next op to apply (`ops.separable_of_normalised`).
+    `sums`: x's channel sums where the op that made x gave them (`ops.separable`), the
+    statistics without a pass over x."""
     features = (x.shape[-1],)
     scale = self.param("scale", self.scale_init, features, jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
@@ -97,9 +99,10 @@ class BatchNorm(nn.Module):
       mean, var = ra_mean.value, ra_var.value
     else:
       if as_prologue:
-        mean, var = ops.batch_moments(x, self.use_native)
+        mean, var = ops.batch_moments(x, self.use_native, sums)
       else:  # Statistics and normalisation in one op.
-        y, mean, var = ops.batch_norm_train(x, scale, bias, self.epsilon, self.use_native)
+        y, mean, var = ops.batch_norm_train(x, scale, bias, self.epsilon, self.use_native,
+                                            sums)
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
@@ -115,6 +118,12 @@ class BatchNorm(nn.Module):
 # them 1 - it towards the batch's statistics (train.recalibrate_batch_stats reads a
 # batch's statistics back from one such update of zeros).
 BATCH_NORM_MOMENTUM = 0.9
+
+
+def sums_keyword(sums) -> dict:
+  """A BatchNorm call's `sums` keyword: the channel sums a fused separable op gave with its
+  output, or nothing where the conv before gave none (Flax's BatchNorm takes none)."""
+  return {} if sums is None else {"sums": sums}
 
 
 def norm_factory(conv_impl: str, dtype=jnp.float32):
@@ -181,10 +190,12 @@ class SeparableConv(nn.Module):
     return ops.resolve(self.conv_impl) == "native" and self.dtype == jnp.float32
 
   @nn.compact
-  def __call__(self, x, prologue=None):
+  def __call__(self, x, prologue=None, with_sums: bool = False):
     """The conv of x or, with `prologue` (shift, scale, bias), of relu(scale * (x -
     shift) + bias): a BatchNorm and ReLU, applied by the fused op as it reads x when
-    `fuses_prologue()`, else by XLA first."""
+    `fuses_prologue()`, else by XLA first. `with_sums`: (the conv, its channel sums for
+    the BatchNorm after it), the sums summed by the fused op as it writes its output,
+    else None."""
     pad = self.dilation if self.padding is None else self.padding
     channels = x.shape[-1]
     if self.fuses_prologue():
@@ -193,9 +204,10 @@ class SeparableConv(nn.Module):
       geometry = ((self.strides,) * 2, (self.dilation,) * 2, ((pad, pad),) * 2)
       if prologue is not None:
         return ops.separable_of_normalised(x.astype(jnp.float32), *prologue, depthwise,
-                                           pointwise, *geometry, self.pointwise_bf16)
+                                           pointwise, *geometry, self.pointwise_bf16,
+                                           with_sums)
       return ops.separable(x.astype(jnp.float32), depthwise, pointwise, *geometry,
-                           self.pointwise_bf16)
+                           self.pointwise_bf16, with_sums)
     if prologue is not None:
       shift, scale, bias = prologue
       x = nn.relu((x.astype(jnp.float32) - shift) * scale + bias).astype(self.dtype)
@@ -204,7 +216,16 @@ class SeparableConv(nn.Module):
              kernel_dilation=self.dilation, feature_group_count=channels,
              name="depthwise")(x)
     pointwise = conv_factory(self.conv_impl, self.dtype, self.pointwise_bf16)
-    return pointwise(self.features, (1, 1), name="pointwise")(x).astype(self.dtype)
+    y = pointwise(self.features, (1, 1), name="pointwise")(x).astype(self.dtype)
+    return (y, None) if with_sums else y
+
+
+def conv_and_sums(conv: SeparableConv, x, train: bool, prologue=None):
+  """(conv's output, its channel sums for the BatchNorm after it, or None): the fused op
+  sums them as it writes the output, in training (evaluation reads running averages)."""
+  if train:
+    return conv(x, prologue=prologue, with_sums=True)
+  return conv(x, prologue=prologue), None
 
 
 def global_average_pool(module: nn.Module, x):
@@ -252,10 +273,12 @@ class Seed(nn.Module):
     return conv(NUM_CLASSES, (1, 1))(x[:, None, None, :])[:, 0, 0, :].astype(jnp.float32)
 
 
-def batch_norm_activation(module: nn.Module, y, train: bool):
+def batch_norm_activation(module: nn.Module, y, train: bool, sums=None):
   """BatchNorm, then `module.activation`: what follows every conv of `S9Net`. Called from
-  the module's compact method, so the BatchNorm is its submodule."""
-  y = norm_factory(module.conv_impl, module.dtype)(use_running_average=not train)(y)
+  the module's compact method, so the BatchNorm is its submodule. `sums`: y's channel
+  sums, where its conv gave them."""
+  y = norm_factory(module.conv_impl, module.dtype)(use_running_average=not train)(
+      y, **sums_keyword(sums))
   return ACTIVATIONS[module.activation](y)
 
 
@@ -292,20 +315,23 @@ class ResidualSeparable(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    y = SeparableConv(x.shape[-1], dilation=self.dilation, conv_impl=self.conv_impl,
-                      dtype=self.dtype, pointwise_bf16=self.pointwise_bf16)(x)
+    y, sums = conv_and_sums(SeparableConv(x.shape[-1], dilation=self.dilation,
+                                          conv_impl=self.conv_impl, dtype=self.dtype,
+                                          pointwise_bf16=self.pointwise_bf16), x, train)
     second = SeparableConv(x.shape[-1], dilation=self.dilation, conv_impl=self.conv_impl,
                            dtype=self.dtype, pointwise_bf16=self.pointwise_bf16)
     if second.fuses_prologue() and self.activation == "relu":
       # The middle BatchNorm and ReLU, applied by the second conv as it reads y: their
       # output is never written, nor its gradient (the same parameters and maths).
       norm = norm_factory(self.conv_impl, self.dtype)(use_running_average=not train)
-      y = second(y, prologue=norm(y, as_prologue=True))
+      y, sums = conv_and_sums(second, y, train,
+                              prologue=norm(y, as_prologue=True, **sums_keyword(sums)))
     else:
-      y = second(batch_norm_activation(self, y, train))
+      y, sums = conv_and_sums(second, batch_norm_activation(self, y, train, sums), train)
     scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
     y = norm_factory(self.conv_impl, self.dtype)(use_running_average=not train,
-                                                 scale_init=scale_init)(y)
+                                                 scale_init=scale_init)(
+                                                     y, **sums_keyword(sums))
     if self.residual_activation == "branch":
       y = ACTIVATIONS[self.activation](y)
     if self.eca_kernel:
@@ -367,15 +393,16 @@ class S9Net(nn.Module):
     for width, depth, separable, stride, down_dilation, dilation in zip(
         self.widths, self.depths, self.separable_down, self.down_strides,
         self.down_dilations, self.block_dilations):
+      sums = None
       if separable:
-        x = SeparableConv(width, strides=stride, dilation=down_dilation,
-                          conv_impl=self.conv_impl, dtype=self.dtype,
-                          pointwise_bf16=self.pointwise_bf16)(x)
+        x, sums = conv_and_sums(SeparableConv(width, strides=stride, dilation=down_dilation,
+                                              conv_impl=self.conv_impl, dtype=self.dtype,
+                                              pointwise_bf16=self.pointwise_bf16), x, train)
       else:
         down = conv_factory(self.conv_impl, self.dtype, self.dense_bf16)
         x = down(width, (3, 3), strides=stride, padding=down_dilation,
                  kernel_dilation=down_dilation)(x).astype(self.dtype)
-      x = batch_norm_activation(self, x, train)
+      x = batch_norm_activation(self, x, train, sums)
       for _ in range(depth):
         x = ResidualSeparable(dilation=dilation, activation=self.activation,
                               residual_activation=self.residual_activation,

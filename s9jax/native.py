@@ -250,17 +250,21 @@ def _no_prologue(x):
 
 
 def separable_forward(x, depthwise, pointwise, out_hw, strides, dilation, pads, prologue=None,
-                      bf16=False):
+                      bf16=False, sums=False):
   """x (N, H, W, C), depthwise (KH, KW, C), pointwise (C, F) -> y (N, OH, OW, F): the
   depthwise conv, then the 1x1, without writing the depthwise output to memory. With
   `prologue` (3, C), rows shift, scale, bias, the convs read relu(scale * (x - shift) +
   bias) in place of x, computed image by image and never written. `bf16`: the 1x1's
-  operands rounded to bfloat16, its sums in float32 (kernels.cc)."""
+  operands rounded to bfloat16, its sums in float32 (kernels.cc). With `sums`, returns
+  (y, (2, F) sums): `channel_sums(y, y)` stacked, summed as each image of y is written."""
   prologue = _no_prologue(x) if prologue is None else prologue
-  out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, pointwise.shape[-1]), jnp.float32)
-  return jax.ffi.ffi_call("s9_separable_forward", out)(
+  features = pointwise.shape[-1]
+  out = (jax.ShapeDtypeStruct((x.shape[0], *out_hw, features), jnp.float32),
+         jax.ShapeDtypeStruct((2 if sums else 0, features), jnp.float32))
+  y, y_sums = jax.ffi.ffi_call("s9_separable_forward", out)(
       x, prologue, depthwise, pointwise, **_conv_attrs(strides, dilation, pads),
       bf16=np.int64(bf16))
+  return (y, y_sums) if sums else y
 
 
 def separable_backward(x, depthwise, pointwise, dy, strides, dilation, pads, prologue=None,

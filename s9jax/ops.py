@@ -231,21 +231,26 @@ def _dense_bwd(strides, dilation, pads, use_native, bf16, residuals, dy):
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def separable(x, depthwise, pointwise, strides, dilation, pads, bf16=False):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def separable(x, depthwise, pointwise, strides, dilation, pads, bf16=False, sums=False):
   """A depthwise-separable conv as one C++ op (native.py): NHWC float32 x, the depthwise
   kernel HWIO (KH, KW, 1, C) and the 1x1 kernel (1, 1, C, F), exactly the two convs'
   kernels; the depthwise output stays in cache, image by image (kernels.cc). `bf16`: the
-  1x1's operands rounded to bfloat16, forward and backward, its sums in float32."""
-  return _separable_fwd(x, depthwise, pointwise, strides, dilation, pads, bf16)[0]
+  1x1's operands rounded to bfloat16, forward and backward, its sums in float32.
+
+  With `sums`, returns (y, y's (2, F) channel sums and sums of squares), the statistics
+  a BatchNorm of y reads (`batch_norm_train`, `batch_moments`), summed as y is written
+  instead of in a pass over it. They carry no gradient: the BatchNorm's backward counts
+  how its statistics depend on y."""
+  return _separable_fwd(x, depthwise, pointwise, strides, dilation, pads, bf16, sums)[0]
 
 
 def _separable_forward(x, depthwise, pointwise, strides, dilation, pads, prologue=None,
-                       bf16=False):
+                       bf16=False, sums=False):
   """native.separable_forward on the HWIO kernels."""
   out_hw = _out_hw(x.shape[1:3], depthwise.shape[:2], strides, dilation, pads)
   return native.separable_forward(x, depthwise[:, :, 0, :], pointwise[0, 0], out_hw, strides,
-                                  dilation, pads, prologue, bf16)
+                                  dilation, pads, prologue, bf16, sums)
 
 
 def _separable_backward(x, depthwise, pointwise, dy, strides, dilation, pads, prologue=None,
@@ -257,68 +262,74 @@ def _separable_backward(x, depthwise, pointwise, dy, strides, dilation, pads, pr
           *sums)
 
 
-def _separable_fwd(x, depthwise, pointwise, strides, dilation, pads, bf16):
-  y = _separable_forward(x, depthwise, pointwise, strides, dilation, pads, bf16=bf16)
-  return y, (x, depthwise, pointwise)
+def _separable_fwd(x, depthwise, pointwise, strides, dilation, pads, bf16, sums):
+  out = _separable_forward(x, depthwise, pointwise, strides, dilation, pads, bf16=bf16,
+                           sums=sums)
+  return out, (x, depthwise, pointwise)
 
 
-def _separable_bwd(strides, dilation, pads, bf16, residuals, dy):
+def _separable_bwd(strides, dilation, pads, bf16, sums, residuals, cotangent):
+  dy = cotangent[0] if sums else cotangent  # The sums' own is dropped (see `separable`).
   return _separable_backward(*residuals, dy, strides, dilation, pads, bf16=bf16)
 
 
 separable.defvjp(_separable_fwd, _separable_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
 def separable_of_normalised(x, shift, scale, bias, depthwise, pointwise, strides, dilation,
-                            pads, bf16=False):
+                            pads, bf16=False, sums=False):
   """`separable` of relu(scale * (x - shift) + bias), per channel: the previous layer's
   BatchNorm and ReLU applied by the C++ op as it reads x, so their output is never
   written (forward) and their backward comes out of the op's (the ReLU's mask and the
-  sums for shift, scale and bias)."""
+  sums for shift, scale and bias). `sums` as in `separable`."""
   return _separable_of_normalised_fwd(x, shift, scale, bias, depthwise, pointwise, strides,
-                                      dilation, pads, bf16)[0]
+                                      dilation, pads, bf16, sums)[0]
 
 
 def _separable_of_normalised_fwd(x, shift, scale, bias, depthwise, pointwise, strides,
-                                 dilation, pads, bf16):
+                                 dilation, pads, bf16, sums):
   prologue = jnp.stack([shift, scale, bias])
-  y = _separable_forward(x, depthwise, pointwise, strides, dilation, pads, prologue, bf16)
-  return y, (x, prologue, depthwise, pointwise)
+  out = _separable_forward(x, depthwise, pointwise, strides, dilation, pads, prologue, bf16,
+                           sums)
+  return out, (x, prologue, depthwise, pointwise)
 
 
-def _separable_of_normalised_bwd(strides, dilation, pads, bf16, residuals, dy):
+def _separable_of_normalised_bwd(strides, dilation, pads, bf16, sums, residuals, cotangent):
+  dy = cotangent[0] if sums else cotangent  # The sums' own is dropped (see `separable`).
   x, prologue, depthwise, pointwise = residuals
-  dx, ddepthwise, dpointwise, sums = _separable_backward(
+  dx, ddepthwise, dpointwise, relu_sums = _separable_backward(
       x, depthwise, pointwise, dy, strides, dilation, pads, prologue, bf16)
-  # sums: the ReLU's input gradient g summed, and g * (x - shift) summed, per channel.
-  dshift = -prologue[1] * sums[0]
-  return dx, dshift, sums[1], sums[0], ddepthwise, dpointwise
+  # The ReLU's input gradient g summed, and g * (x - shift) summed, per channel.
+  dshift = -prologue[1] * relu_sums[0]
+  return dx, dshift, relu_sums[1], relu_sums[0], ddepthwise, dpointwise
 
 
 separable_of_normalised.defvjp(_separable_of_normalised_fwd, _separable_of_normalised_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def batch_norm_train(x, scale, bias, epsilon: float, use_native: bool = False):
+def batch_norm_train(x, scale, bias, epsilon: float, use_native: bool = False, sums=None):
   """Training-mode BatchNorm over N, H, W of NHWC `x`: returns (y, mean, var), with the
   batch statistics in float32 and y in x's dtype. The same maths as `nn.BatchNorm`
   (biased variance as E[x^2] - E[x]^2, clipped at 0), with every reduction, forward and
   backward, done by `_sum_over_nhw` (or, with `use_native` and float32 `x`, one C++ pass
   each): XLA's own reductions cost ~45 ms of a ~250 ms s9net step here. `mean` and `var`
   are for the running averages only: no gradient flows through them (their cotangents
-  are ignored)."""
-  return _batch_norm_fwd(x, scale, bias, epsilon, use_native)[0]
+  are ignored). `sums`: x's (2, C) channel sums and sums of squares where the op that
+  made x gave them (`separable`), read in place of a pass over x; as functions of x,
+  they take no gradient of their own."""
+  return _batch_norm_fwd(x, scale, bias, epsilon, use_native, sums)[0]
 
 
 def _pixels(x):
   return x.shape[0] * x.shape[1] * x.shape[2]
 
 
-def _moments(x, use_native):
+def _moments(x, use_native, sums=None):
   count = _pixels(x)
-  if use_native and x.dtype == jnp.float32:
-    total, squares = native.channel_sums(x, x)
+  if sums is not None or (use_native and x.dtype == jnp.float32):
+    total, squares = native.channel_sums(x, x) if sums is None else (sums[0], sums[1])
     mean = total / count
     var = jnp.maximum(squares / count - mean * mean, 0.0)
   else:
@@ -327,16 +338,21 @@ def _moments(x, use_native):
   return mean, var
 
 
-def _batch_norm_fwd(x, scale, bias, epsilon, use_native):
-  mean, var = _moments(x, use_native)
+def _no_cotangent(sums):
+  """The cotangent of a `sums` argument: none (see `batch_norm_train`)."""
+  return None if sums is None else jnp.zeros_like(sums)
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon, use_native, sums):
+  mean, var = _moments(x, use_native, sums)
   inv = lax.rsqrt(var + epsilon)
   y = ((x.astype(jnp.float32) - mean) * (inv * scale) + bias).astype(x.dtype)
-  return (y, mean, var), (x, mean, inv, scale)
+  return (y, mean, var), (x, mean, inv, scale, _no_cotangent(sums))
 
 
 def _batch_norm_bwd(epsilon, use_native, residuals, cotangents):
   del epsilon
-  x, mean, inv, scale = residuals
+  x, mean, inv, scale, dsums = residuals
   dy = cotangents[0]
   count = _pixels(x)
   x_hat = (x.astype(jnp.float32) - mean) * inv
@@ -349,33 +365,33 @@ def _batch_norm_bwd(epsilon, use_native, residuals, cotangents):
     dscale = _sum_over_nhw(dy, x_hat)
   # d/dx of (x - mean) * inv with mean and inv functions of the batch: the textbook form.
   dx = (scale * inv) * (dy.astype(jnp.float32) - (dbias + x_hat * dscale) / count)
-  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype), dsums
 
 
 batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def batch_moments(x, use_native: bool = False):
+def batch_moments(x, use_native: bool = False, sums=None):
   """(mean, var) of NHWC `x` over N, H, W in float32, as `batch_norm_train` computes them,
   differentiable: for a BatchNorm whose normalisation is applied elsewhere
   (`separable_of_normalised`), autodiff through these and the op's own gradients gives
-  `batch_norm_train`'s backward."""
-  return _moments(x, use_native)
+  `batch_norm_train`'s backward. `sums` as in `batch_norm_train`."""
+  return _moments(x, use_native, sums)
 
 
-def _batch_moments_fwd(x, use_native):
-  mean, var = _moments(x, use_native)
-  return (mean, var), (x, mean)
+def _batch_moments_fwd(x, use_native, sums):
+  mean, var = _moments(x, use_native, sums)
+  return (mean, var), (x, mean, _no_cotangent(sums))
 
 
 def _batch_moments_bwd(use_native, residuals, cotangents):
   del use_native
-  x, mean = residuals
+  x, mean, dsums = residuals
   dmean, dvar = cotangents
   # d var / d x = 2 (x - mean) / count: var's own mean term cancels in the sum.
   dx = (dmean + 2.0 * dvar * (x.astype(jnp.float32) - mean)) / _pixels(x)
-  return (dx.astype(x.dtype),)
+  return dx.astype(x.dtype), dsums
 
 
 batch_moments.defvjp(_batch_moments_fwd, _batch_moments_bwd)

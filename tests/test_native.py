@@ -152,6 +152,9 @@ BAD_CALLS = {
                                           r"channels \(12\)"),
     "channel-sums-result": (raw("s9_channel_sums", (3, 8), conv_attrs=False), [X, X, (8,)],
                             r"the result must have shape \(2, C\) = \(2, 8\), got \(3, 8\)"),
+    "separable-sums-shape": (raw("s9_separable_forward", Y, (2, 8)), [X, (0, 8), DW, PW],
+                             r"s9_separable_forward: sums must have shape \(2, 12\) or "
+                             r"\(0, 12\), got \(2, 8\)"),
     "separable-backward-dpointwise-shape": (
         raw("s9_separable_backward", X, (0, 8), DW, (12, 8)), [X, (0, 8), DW, PW, Y],
         r"dpointwise must have pointwise's shape \(8, 12\), got \(12, 8\)"),

@@ -386,6 +386,52 @@ def test_separable_of_normalised_matches_batch_norm_relu_and_two_convs(
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-2 * float(jnp.max(jnp.abs(want))))
 
 
+# The fused ops' output channel sums (`sums`), which the BatchNorm after them reads in
+# training instead of summing their output itself: the same statistics to the bit
+# (ChannelSums' order), and the BatchNorm's output, running averages and gradients the
+# same as without them, in both BatchNorm forms, with and without a prologue; an odd batch
+# splits into other chunks of rows than of images.
+@NATIVE
+@pytest.mark.parametrize("as_prologue", [False, True], ids=["normalise", "as-prologue"])
+@pytest.mark.parametrize("prologue", [False, True], ids=["bare", "prologue"])
+@pytest.mark.parametrize("x_shape,features,stride,dilation", [
+    ((4, 9, 10, 25), 85, 1, 1), ((2, 11, 7, 5), 27, 2, 2), ((3, 4, 4, 24), 40, 1, 1)])
+def test_separable_sums_stand_for_a_pass_over_its_output(x_shape, features, stride, dilation,
+                                                          prologue, as_prologue):
+  channels = x_shape[-1]
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(0), x_shape)
+  kernels = (jax.random.normal(jax.random.PRNGKey(1), (3, 3, 1, channels)),
+             jax.random.normal(jax.random.PRNGKey(2), (1, 1, channels, features)))
+  shift, scale, bias = jnp.full(channels, 2.5), jnp.linspace(0.5, 2.0, channels), jnp.zeros(channels)
+  geometry = ((stride, stride), (dilation, dilation), ((dilation, dilation),) * 2)
+  params = {"scale": jnp.linspace(0.5, 2.0, features), "bias": jnp.linspace(-1.0, 1.0, features)}
+  stats = {"mean": jnp.zeros(features), "var": jnp.ones(features)}
+  norm = models.BatchNorm(use_native=True)
+
+  def conv(x, depthwise, pointwise, sums):
+    if prologue:
+      return ops.separable_of_normalised(x, shift, scale, bias, depthwise, pointwise,
+                                         *geometry, sums=sums)
+    return ops.separable(x, depthwise, pointwise, *geometry, sums=sums)
+
+  def net(params, x, depthwise, pointwise, with_sums):
+    y, sums = conv(x, depthwise, pointwise, True) if with_sums else (
+        conv(x, depthwise, pointwise, False), None)
+    out, updates = norm.apply({"params": params, "batch_stats": stats}, y, as_prologue,
+                              **models.sums_keyword(sums), mutable=["batch_stats"])
+    out = jnp.stack(out) if as_prologue else out
+    return jnp.sum(jnp.sin(out)), updates
+
+  y, sums = jax.jit(conv, static_argnums=3)(x, *kernels, True)
+  np.testing.assert_array_equal(y, conv(x, *kernels, False))
+  np.testing.assert_array_equal(sums, jnp.stack(native.channel_sums(y, y)))
+  grad = jax.jit(jax.grad(net, argnums=(0, 1, 2, 3), has_aux=True), static_argnums=4)
+  got, want = grad(params, x, *kernels, True), grad(params, x, *kernels, False)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+
+
 # test_models checks it computes base's function. Training mode only: the convolutions
 # are the same code in both modes, and inference-mode BatchNorm is compared with
 # nn.BatchNorm below (the inference-mode cases took ~70 s of the suite's 10 minutes).

@@ -1768,10 +1768,40 @@ ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// Adds to total (2, c) the sums over `rows` rows of `w` pixels of b, and of (a - shift)
+// * b, per channel (null shift: 0): each row's in float32, in registers (kept in memory,
+// each pixel's adds waited on the last pixel's stores), added in float64.
+void AddRowSums(int64_t rows, int64_t w, int64_t c, const float* as, const float* bs,
+                const float* __restrict shifts, double* __restrict total) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* __restrict a_row = as + r * w * c;
+    const float* __restrict b_row = bs + r * w * c;
+    ForChannelBlocks(c, [&](auto block, int64_t c0) {
+      constexpr int B = decltype(block)::value;
+      const typename Vec<B>::type s =
+          shifts ? Load<B>(shifts + c0) : typename Vec<B>::type{};
+      typename Vec<B>::type sum_b = {}, sum_ab = {};
+      for (int64_t q = 0; q < w; ++q) {
+        const typename Vec<B>::type bq = Load<B>(b_row + q * c + c0);
+        sum_b += bq;
+        sum_ab += (Load<B>(a_row + q * c + c0) - s) * bq;
+      }
+      for (int k = 0; k < B; ++k) {
+        total[c0 + k] += sum_b[k];
+        total[c + c0 + k] += sum_ab[k];
+      }
+    });
+  }
+}
+
+// With `sums` (2, F), also y's channel sums, ChannelSums(y, y)'s: BatchNorm's statistics
+// of y without a pass over it (each image's rows summed as it is written, in cache, in
+// ChannelSums' order: the same figures where the batch splits into the same chunks of
+// whole images); (0, F): none.
 ffi::Error SeparableForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> prologue, ffi::Buffer<ffi::F32> depthwise,
                             ffi::Buffer<ffi::F32> pointwise, ffi::ResultBuffer<ffi::F32> y,
-                            int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph,
+                            ffi::ResultBuffer<ffi::F32> sums, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph,
                             int64_t pw, int64_t ph_hi, int64_t pw_hi, int64_t bf16) {
   constexpr char op[] = "s9_separable_forward";
   auto xd = x.dimensions();
@@ -1785,6 +1815,12 @@ ffi::Error SeparableForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const Geometry gp = PointwiseGeometry(g);
   const bool normalise = prologue.dimensions()[0] > 0;
   const int64_t f = pd[1], mid = g.oh * g.ow * g.c, image = g.h * g.w * g.c;
+  auto sd = sums->dimensions();
+  if (sd.size() != 2 || (sd[0] != 2 && sd[0] != 0) || sd[1] != f) {
+    return Invalid(op, "sums must have shape (2, ", f, ") or (0, ", f, "), got ",
+                   ShapeString(sd));
+  }
+  const bool with_sums = sd[0] == 2;
   const TapIndex index = ForwardIndex(g);
   const ConvKernel kernel(pointwise.typed_data(), 1, g.c, f, bf16);
   const int64_t chunks = NumChunks(pool, g.n);
@@ -1792,6 +1828,8 @@ ffi::Error SeparableForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t per_chunk = mid + (normalise ? image : 0);
   const CallBuffer<float, kBetweenSlot> between_buffer(chunks * per_chunk);
   float* between = between_buffer.get();
+  const CallBuffer<double, kPartialSlot> partial_buffer(with_sums ? chunks * 2 * f : 0, true);
+  double* partial = partial_buffer.get();
   ParallelFor(pool, g.n, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
     float* d = between + chunk * per_chunk;
     float* z = d + mid;
@@ -1803,9 +1841,12 @@ ffi::Error SeparableForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         xi = z;
       }
       GatherTaps(g, index, xi, depthwise.typed_data(), d);
-      PointwiseForwardImage(gp, f, kernel, d, scratch, y->typed_data() + n * g.oh * g.ow * f);
+      float* yi = y->typed_data() + n * g.oh * g.ow * f;
+      PointwiseForwardImage(gp, f, kernel, d, scratch, yi);
+      if (with_sums) AddRowSums(g.oh, g.ow, f, yi, yi, nullptr, partial + chunk * 2 * f);
     }
   });
+  if (with_sums) ReducePartials(partial, chunks, 2 * f, sums->typed_data());
   return ffi::Error::Success();
 }
 
@@ -1931,32 +1972,13 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   const int64_t rows = d[0] * d[1], w = d[2], c = d[3];
   const float* as = a.typed_data();
   const float* bs = b.typed_data();
-  const float* __restrict shifts = shift.typed_data();
+  const float* shifts = shift.typed_data();
   const int64_t chunks = NumChunks(pool, rows);
   const CallBuffer<double, kPartialSlot> partial_buffer(chunks * 2 * c, true);
   double* partial = partial_buffer.get();
   ParallelFor(pool, rows, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
-    double* total = partial + chunk * 2 * c;
-    for (int64_t r = begin; r < end; ++r) {
-      const float* __restrict a_row = as + r * w * c;
-      const float* __restrict b_row = bs + r * w * c;
-      // A channel block's two row sums stay in registers along the row: kept in memory,
-      // each pixel's adds waited on the last pixel's stores.
-      ForChannelBlocks(c, [&](auto block, int64_t c0) {
-        constexpr int B = decltype(block)::value;
-        const typename Vec<B>::type s = Load<B>(shifts + c0);
-        typename Vec<B>::type sum_b = {}, sum_ab = {};
-        for (int64_t q = 0; q < w; ++q) {
-          const typename Vec<B>::type bq = Load<B>(b_row + q * c + c0);
-          sum_b += bq;
-          sum_ab += (Load<B>(a_row + q * c + c0) - s) * bq;
-        }
-        for (int k = 0; k < B; ++k) {
-          total[c0 + k] += sum_b[k];
-          total[c + c0 + k] += sum_ab[k];
-        }
-      });
-    }
+    AddRowSums(end - begin, w, c, as + begin * w * c, bs + begin * w * c, shifts,
+               partial + chunk * 2 * c);
   });
   ReducePartials(partial, chunks, 2 * c, out->typed_data());
   return ffi::Error::Success();
@@ -2086,6 +2108,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(S9SeparableForward, SeparableForward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // depthwise (kh, kw, c)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // pointwise (c, f)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // sums (2 or 0, f)
                                   S9_CONV_ATTRS.Attr<int64_t>("bf16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(S9SeparableBackward, SeparableBackward,
