@@ -121,7 +121,7 @@ void ReducePartials(const double* partial, int64_t chunks, int64_t size, float* 
 // the call's own, freed on return: otherwise each thread of a many-core host would keep
 // its largest. Slots tell apart the buffers a handler holds at once on its calling
 // thread; the chunk bodies keep their own.
-enum Slot { kPartialSlot, kBetweenSlot, kTrashSlot, kTotalsSlot, kTransposedSlot };
+enum Slot { kPartialSlot, kBetweenSlot, kTrashSlot, kTotalsSlot, kTransposedSlot, kKernelSlot };
 constexpr int64_t kKeptBytes = int64_t{1} << 20;  // A 2-core step's largest is ~0.5 MB.
 
 template <typename T, Slot S>
@@ -1289,24 +1289,35 @@ inline const float* Operand(bool bf16, int64_t n, const float* src,
 // `tap_size` values a tap (AVX512-BF16), or rounded (elsewhere).
 struct ConvKernel {
   ConvKernel(const float* weights, int64_t taps, int64_t rows, int64_t cols, bool bf16)
-      : bf16(bf16), w(weights) {
+      : bf16(bf16), w(weights), tap_size(PackedTapSize(rows, cols, bf16)),
+        packed_buffer(taps * tap_size), packed(packed_buffer.get()) {
     if (!bf16) return;
 #if S9_BF16_DOT
-    tap_size = (rows + 1) / 2 * RoundUp16(cols) * 2;
-    packed.resize(taps * tap_size);
     for (int64_t t = 0; t < taps; ++t)
-      PackRowPairs(rows, cols, weights + t * rows * cols, packed.data() + t * tap_size);
+      PackRowPairs(rows, cols, weights + t * rows * cols, packed + t * tap_size);
 #else
     rounded.resize(taps * rows * cols);
     RoundToBf16(taps * rows * cols, weights, rounded.data());
     w = rounded.data();
 #endif
   }
+  // One tap's packed pairs, with AVX512-BF16 (else none).
+  static int64_t PackedTapSize([[maybe_unused]] int64_t rows, [[maybe_unused]] int64_t cols,
+                               [[maybe_unused]] bool bf16) {
+#if S9_BF16_DOT
+    if (bf16) return (rows + 1) / 2 * RoundUp16(cols) * 2;
+#endif
+    return 0;
+  }
+
   bool bf16;
-  const float* w;                 // The float32 kernels' operand.
-  int64_t tap_size = 0;
-  std::vector<float> rounded;     // bf16 without AVX512-BF16.
-  std::vector<uint16_t> packed;   // bf16 with it.
+  const float* w;  // The float32 kernels' operand.
+  int64_t tap_size;
+  std::vector<float> rounded;  // bf16 without AVX512-BF16.
+  // bf16 with it, kept from call to call (a handler holds one ConvKernel at a time): a
+  // fresh vector each call was ~0.5% of fast.py's step in malloc.
+  const CallBuffer<uint16_t, kKernelSlot> packed_buffer;
+  uint16_t* packed;
 };
 
 // One thread's buffers for the bf16 products: operands in pairs, or a rounded dy.
@@ -1327,7 +1338,7 @@ struct PointwiseScratch {
 void PointwiseForwardImage(const Geometry& gp, int64_t f, const ConvKernel& kernel,
                            float* d, PointwiseScratch& scratch, float* y) {
 #if S9_BF16_DOT
-  if (kernel.bf16) return Bf16Pointwise(gp.h * gp.w, gp.c, f, d, kernel.packed.data(),
+  if (kernel.bf16) return Bf16Pointwise(gp.h * gp.w, gp.c, f, d, kernel.packed,
                                         scratch.pairs, y);
 #else
   if (kernel.bf16) RoundToBf16(gp.h * gp.w * gp.c, d, d);
@@ -1343,7 +1354,7 @@ void PointwiseInputGradImage(const Geometry& gp, int64_t f, const ConvKernel& tr
                              float* dd) {
   const int64_t pixels = gp.h * gp.w;
 #if S9_BF16_DOT
-  if (transposed.bf16) return Bf16Pointwise(pixels, f, gp.c, dy, transposed.packed.data(),
+  if (transposed.bf16) return Bf16Pointwise(pixels, f, gp.c, dy, transposed.packed,
                                             scratch.pairs, dd);
 #else
   if (transposed.bf16) dy = scratch.Rounded(pixels * f, dy);
@@ -1425,7 +1436,7 @@ void Bf16DenseForwardImage(const Geometry& g, int64_t cout, int64_t wp, const ui
           for (int v = 0; v < NB; ++v) acc[k][v] = _mm512_setzero_ps();
         for (int64_t l = 0; l < num_live; ++l) {
           const int64_t t = live[l];
-          Bf16Accumulate(src[t], 1, c2 / 2, kernel.packed.data() + t * kernel.tap_size + 32 * v0,
+          Bf16Accumulate(src[t], 1, c2 / 2, kernel.packed + t * kernel.tap_size + 32 * v0,
                          2 * c16, acc);
         }
         for (int k = 0; k < P; ++k)
@@ -1457,7 +1468,7 @@ void AmxDenseForwardImage(const Geometry& g, int64_t cout, int64_t wp, const uin
         for (int64_t i = 0; i < g.kh; ++i)
           for (int64_t j = 0; j < g.kw; ++j)
             AmxAccumulate(xp + ((p * g.sh + i * g.dh) * wp + q0 * g.sw + j * g.dw) * c2,
-                          a_stride, kernel.packed.data() + (i * g.kw + j) * kernel.tap_size +
+                          a_stride, kernel.packed + (i * g.kw + j) * kernel.tap_size +
                           32 * t0, 4 * c16, pairs, nt);
         float* out = y + (p * g.ow + q0) * cout + 16 * t0;
         AmxStore(n, nt, [&](int64_t r, int64_t c, __m512 v) {
@@ -1520,7 +1531,7 @@ void Bf16DenseInputGradImage(const Geometry& g, int64_t cout, const uint16_t* dy
             dst[k] = s >= 0 ? dx + (r * g.w + s) * cin : trash;
           }
           if (!writes) continue;
-          const uint16_t* wtap = transposed.packed.data() + (i * g.kw + j) * transposed.tap_size;
+          const uint16_t* wtap = transposed.packed + (i * g.kw + j) * transposed.tap_size;
           ForVectorBlocks(c16 / 16, [&](auto vectors, int64_t v0) {
             constexpr int NB = decltype(vectors)::value;
             __m512 acc[P][NB];
