@@ -402,7 +402,8 @@ def test_separable_sums_stand_for_a_pass_over_its_output(x_shape, features, stri
   x = 3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(0), x_shape)
   kernels = (jax.random.normal(jax.random.PRNGKey(1), (3, 3, 1, channels)),
              jax.random.normal(jax.random.PRNGKey(2), (1, 1, channels, features)))
-  shift, scale, bias = jnp.full(channels, 2.5), jnp.linspace(0.5, 2.0, channels), jnp.zeros(channels)
+  shift, scale = jnp.full(channels, 2.5), jnp.linspace(0.5, 2.0, channels)
+  bias = jnp.zeros(channels)
   geometry = ((stride, stride), (dilation, dilation), ((dilation, dilation),) * 2)
   params = {"scale": jnp.linspace(0.5, 2.0, features), "bias": jnp.linspace(-1.0, 1.0, features)}
   stats = {"mean": jnp.zeros(features), "var": jnp.ones(features)}

@@ -3,7 +3,8 @@
 // BatchNorm's per-channel sums; dense KxK convolutions, which XLA runs through an
 // im2col copy (forward, input gradient and kernel gradient, each its own call so XLA
 // drops the first layer's unused input gradient); and depthwise-separable convolutions
-// (a depthwise conv, then a 1x1) as one op each way, built from the same per-image code.
+// (a depthwise conv, then a 1x1) as one op each way, built from the same per-image code,
+// the forward also summing its output's channels for the BatchNorm after it.
 // Called from s9jax/native.py through jax.ffi; float32 NHWC only; tests/test_ops.py
 // checks them against lax.conv_general_dilated.
 //
@@ -1812,8 +1813,9 @@ void AddRowSums(int64_t rows, int64_t w, int64_t c, const float* as, const float
 ffi::Error SeparableForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> prologue, ffi::Buffer<ffi::F32> depthwise,
                             ffi::Buffer<ffi::F32> pointwise, ffi::ResultBuffer<ffi::F32> y,
-                            ffi::ResultBuffer<ffi::F32> sums, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph,
-                            int64_t pw, int64_t ph_hi, int64_t pw_hi, int64_t bf16) {
+                            ffi::ResultBuffer<ffi::F32> sums, int64_t sh, int64_t sw,
+                            int64_t dh, int64_t dw, int64_t ph, int64_t pw, int64_t ph_hi,
+                            int64_t pw_hi, int64_t bf16) {
   constexpr char op[] = "s9_separable_forward";
   auto xd = x.dimensions();
   auto dd = depthwise.dimensions();
