@@ -324,8 +324,7 @@ class ResidualSeparable(nn.Module):
       # The middle BatchNorm and ReLU, applied by the second conv as it reads y: their
       # output is never written, nor its gradient (the same parameters and maths).
       norm = norm_factory(self.conv_impl, self.dtype)(use_running_average=not train)
-      y, sums = conv_and_sums(second, y, train,
-                              prologue=norm(y, as_prologue=True, **sums_keyword(sums)))
+      y, sums = conv_and_sums(second, y, train, prologue=norm(y, as_prologue=True, sums=sums))
     else:
       y, sums = conv_and_sums(second, batch_norm_activation(self, y, train, sums), train)
     scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones

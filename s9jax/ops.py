@@ -339,7 +339,8 @@ def _moments(x, use_native, sums=None):
 
 
 def _no_cotangent(sums):
-  """The cotangent of a `sums` argument: none (see `batch_norm_train`)."""
+  """The cotangent of a `sums` argument, made in the backward: none (see
+  `batch_norm_train`)."""
   return None if sums is None else jnp.zeros_like(sums)
 
 
@@ -347,12 +348,12 @@ def _batch_norm_fwd(x, scale, bias, epsilon, use_native, sums):
   mean, var = _moments(x, use_native, sums)
   inv = lax.rsqrt(var + epsilon)
   y = ((x.astype(jnp.float32) - mean) * (inv * scale) + bias).astype(x.dtype)
-  return (y, mean, var), (x, mean, inv, scale, _no_cotangent(sums))
+  return (y, mean, var), (x, mean, inv, scale, sums)
 
 
 def _batch_norm_bwd(epsilon, use_native, residuals, cotangents):
   del epsilon
-  x, mean, inv, scale, dsums = residuals
+  x, mean, inv, scale, sums = residuals
   dy = cotangents[0]
   count = _pixels(x)
   x_hat = (x.astype(jnp.float32) - mean) * inv
@@ -365,7 +366,8 @@ def _batch_norm_bwd(epsilon, use_native, residuals, cotangents):
     dscale = _sum_over_nhw(dy, x_hat)
   # d/dx of (x - mean) * inv with mean and inv functions of the batch: the textbook form.
   dx = (scale * inv) * (dy.astype(jnp.float32) - (dbias + x_hat * dscale) / count)
-  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype), dsums
+  return (dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype),
+          _no_cotangent(sums))
 
 
 batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
@@ -382,16 +384,16 @@ def batch_moments(x, use_native: bool = False, sums=None):
 
 def _batch_moments_fwd(x, use_native, sums):
   mean, var = _moments(x, use_native, sums)
-  return (mean, var), (x, mean, _no_cotangent(sums))
+  return (mean, var), (x, mean, sums)
 
 
 def _batch_moments_bwd(use_native, residuals, cotangents):
   del use_native
-  x, mean, dsums = residuals
+  x, mean, sums = residuals
   dmean, dvar = cotangents
   # d var / d x = 2 (x - mean) / count: var's own mean term cancels in the sum.
   dx = (dmean + 2.0 * dvar * (x.astype(jnp.float32) - mean)) / _pixels(x)
-  return dx.astype(x.dtype), dsums
+  return dx.astype(x.dtype), _no_cotangent(sums)
 
 
 batch_moments.defvjp(_batch_moments_fwd, _batch_moments_bwd)

@@ -852,11 +852,16 @@ ffi::Error CheckSeparable(const char* op, Dims xd, Dims dd, Dims pd, Dims yd,
 // their input: `prologue` is (3, C), rows shift, scale and bias, for relu(scale * (x -
 // shift) + bias), or (0, C) for none. The previous layer's BatchNorm-apply and ReLU then
 // never write their output: the conv computes it image by image, in cache.
+// An optional per-channel operand or result of `rows` rows: (rows, C), or (0, C) for none.
+ffi::Error CheckRowsOrNone(const char* op, const char* name, Dims d, int64_t rows, int64_t c) {
+  if (d.size() == 2 && (d[0] == rows || d[0] == 0) && d[1] == c) return ffi::Error::Success();
+  return Invalid(op, name, " must have shape (", rows, ", ", c, ") or (0, ", c, "), got ",
+                 ShapeString(d));
+}
+
 ffi::Error CheckPrologue(const char* op, Dims prologue, int64_t c) {
   S9_RETURN_IF_ERROR(CheckRank(op, "prologue", prologue, 2, "(3 or 0, C)"));
-  if ((prologue[0] == 3 || prologue[0] == 0) && prologue[1] == c) return ffi::Error::Success();
-  return Invalid(op, "prologue must have shape (3, ", c, ") or (0, ", c, "), got ",
-                 ShapeString(prologue));
+  return CheckRowsOrNone(op, "prologue", prologue, 3, c);
 }
 
 // out = relu(scale * (x - shift) + bias) over `pixels` pixels of `c` channels.
@@ -1828,12 +1833,8 @@ ffi::Error SeparableForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const Geometry gp = PointwiseGeometry(g);
   const bool normalise = prologue.dimensions()[0] > 0;
   const int64_t f = pd[1], mid = g.oh * g.ow * g.c, image = g.h * g.w * g.c;
-  auto sd = sums->dimensions();
-  if (sd.size() != 2 || (sd[0] != 2 && sd[0] != 0) || sd[1] != f) {
-    return Invalid(op, "sums must have shape (2, ", f, ") or (0, ", f, "), got ",
-                   ShapeString(sd));
-  }
-  const bool with_sums = sd[0] == 2;
+  S9_RETURN_IF_ERROR(CheckRowsOrNone(op, "sums", sums->dimensions(), 2, f));
+  const bool with_sums = sums->dimensions()[0] == 2;
   const TapIndex index = ForwardIndex(g);
   const ConvKernel kernel(pointwise.typed_data(), 1, g.c, f, bf16);
   const int64_t chunks = NumChunks(pool, g.n);
