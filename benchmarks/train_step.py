@@ -44,11 +44,11 @@ def jax_images_per_second(config, batch: int, steps: int, size: int = 32) -> tup
           "label": rng.integers(0, 10, batch).astype(np.int32)}
   key = jax.random.PRNGKey(1)
   for _ in range(2):  # Compile and warm up.
-    state, metrics = train.train_step(state, data, key, config.label_smoothing)
+    state, metrics = train.train_step(state, data, key, config.label_smoothing, config.mixup_alpha)
   jax.block_until_ready(metrics)
   start = time.perf_counter()
   for _ in range(steps):
-    state, metrics = train.train_step(state, data, key, config.label_smoothing)
+    state, metrics = train.train_step(state, data, key, config.label_smoothing, config.mixup_alpha)
   jax.block_until_ready(metrics)
   params = sum(p.size for p in jax.tree.leaves(state.params))
   return batch * steps / (time.perf_counter() - start), params

@@ -103,6 +103,9 @@ def get_config(variant: str = ""):
   c.warmup_epochs = 2.0                   # Linear warm-up from warmup_start x the peak rate:
   c.warmup_start = 0.1                    #   SGD at the peak rate from step 0 diverges early.
   c.label_smoothing = 0.1
+  c.mixup_alpha = 0.0                     # Mixup: each image and its target mixed with its
+                                          #   batch neighbour's, the larger share its own,
+                                          #   drawn from Beta(alpha, alpha); 0: off.
   c.lookahead_every = 0                   # Lookahead: every N steps the fast weights restart from
                                           #   slow ones pulled towards them (airbench: 5); 0: off.
   # Test-time augmentation of the final test evaluation (validation runs without it):

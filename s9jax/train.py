@@ -268,23 +268,42 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
   return optax.softmax_cross_entropy(logits, targets)
 
 
-def _train_step(state: TrainState, batch, dropout_rng, label_smoothing: float = 0.0):
-  """One SGD step on one batch. Pure: the dropout key is folded with the step number,
-  so a resumed run draws the same masks."""
+def mixup_weight(rng, alpha: float):
+  """Mixup's (Zhang et al. 2018) weight for one batch, as big_vision's `get_mixup` draws
+  it: a ~ Beta(alpha, alpha), folded to a >= 1/2 so that each image keeps its own label
+  as the larger share."""
+  a = jax.random.beta(rng, alpha, alpha)
+  return jnp.maximum(a, 1 - a)
+
+
+def _train_step(state: TrainState, batch, dropout_rng, label_smoothing: float = 0.0,
+                mixup_alpha: float = 0.0):
+  """One SGD step on one batch. Pure: the dropout key (and mixup's) is folded with the
+  step number, so a resumed run draws the same masks."""
   rng = jax.random.fold_in(dropout_rng, state.step)
+  images, labels = batch["image"], batch["label"]
+  if mixup_alpha:  # Without it, the dropout keys stay those of runs before mixup existed.
+    # Each image mixed with its neighbour in the (already shuffled) batch, as big_vision.
+    rng, mixup_rng = jax.random.split(rng)
+    a = mixup_weight(mixup_rng, mixup_alpha)
+    images = a * images + (1 - a) * jnp.roll(images, 1, axis=0)
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
         mutable=["batch_stats"], rngs={"dropout": rng})
-    loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+    loss = cross_entropy(logits, labels, label_smoothing)
+    if mixup_alpha:  # The targets mixed as the images were.
+      loss = a * loss + (1 - a) * cross_entropy(logits, jnp.roll(labels, 1), label_smoothing)
+    loss = loss.mean()
     return loss, (logits, updates["batch_stats"])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   if isinstance(state, LookaheadTrainState):
     state = lookahead_sync(state)
-  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+  # Against each image's own label: with mixup, the larger share of its target.
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   return state, {"loss": loss, "accuracy": accuracy}
 
 
@@ -298,43 +317,47 @@ def _jitted(step_fn, backend: str, static_argnames: tuple[str, ...]):
 
 
 def jitted_train_step(backend: str):
-  return _jitted(_train_step, backend, ("label_smoothing",))
+  return _jitted(_train_step, backend, ("label_smoothing", "mixup_alpha"))
 
 
-def train_step(state: TrainState, batch, dropout_rng, label_smoothing: float = 0.0):
+def train_step(state: TrainState, batch, dropout_rng, label_smoothing: float = 0.0,
+               mixup_alpha: float = 0.0):
   """`_train_step`, jitted with the default backend's compiler options."""
-  return jitted_train_step(jax.default_backend())(state, batch, dropout_rng, label_smoothing)
+  return jitted_train_step(jax.default_backend())(state, batch, dropout_rng, label_smoothing,
+                                                  mixup_alpha)
 
 
 def _train_step_at_size(state: TrainState, images, labels, dropout_rng, size: int,
-                        label_smoothing: float):
+                        label_smoothing: float, mixup_alpha: float):
   """`_train_step` on normalised `images`, first resized to `size` pixels where they
   differ (progressive resizing): the tail both input paths share."""
   if size != images.shape[1]:
     images = input_pipeline.resize_batch(images, size)
-  return _train_step(state, {"image": images, "label": labels}, dropout_rng, label_smoothing)
+  return _train_step(state, {"image": images, "label": labels}, dropout_rng, label_smoothing,
+                     mixup_alpha)
 
 
 def _train_step_on_host_batch(state: TrainState, batch, dropout_rng, normalize, size: int,
-                              label_smoothing: float = 0.0):
+                              label_smoothing: float = 0.0, mixup_alpha: float = 0.0):
   """`_train_step` on a host pipeline's batch of augmented uint8 images: `normalize`
   (`input_pipeline.normalize_batch` with the run's statistics bound) and the resize to
   `size` pixels (progressive resizing) run inside the step's one XLA program, off the
   host's per-image path, and the host sends a quarter of float32's bytes."""
   return _train_step_at_size(state, normalize(batch["image"]), batch["label"], dropout_rng,
-                             size, label_smoothing)
+                             size, label_smoothing, mixup_alpha)
 
 
 def train_step_on_host_batch(state: TrainState, batch, dropout_rng, normalize, size: int,
-                             label_smoothing: float = 0.0):
+                             label_smoothing: float = 0.0, mixup_alpha: float = 0.0):
   """`_train_step_on_host_batch`, jitted with the default backend's compiler options."""
   return _jitted(_train_step_on_host_batch, jax.default_backend(),
-                 ("normalize", "size", "label_smoothing"))(
-      state, batch, dropout_rng, normalize, size, label_smoothing)
+                 ("normalize", "size", "label_smoothing", "mixup_alpha"))(
+      state, batch, dropout_rng, normalize, size, label_smoothing, mixup_alpha)
 
 
 def _train_step_on_device(state: TrainState, train_set, index, dropout_rng, augment_rng,
-                          augment, size: int, label_smoothing: float = 0.0, flip=None):
+                          augment, size: int, label_smoothing: float = 0.0, flip=None,
+                          mixup_alpha: float = 0.0):
   """`_train_step` on a batch gathered from the uint8 training set held on the devices
   (`augment.backend = 'jax'`): the host sends only the records' `index` (and `flip`, with
   `augment.alternate_flip`). `augment` (`input_pipeline.device_augment` with the config
@@ -343,15 +366,17 @@ def _train_step_on_device(state: TrainState, train_set, index, dropout_rng, augm
   images = augment(jax.random.fold_in(augment_rng, state.step), train_set["image"][index],
                    flip=flip)
   return _train_step_at_size(state, images, train_set["label"][index], dropout_rng, size,
-                             label_smoothing)
+                             label_smoothing, mixup_alpha)
 
 
 def train_step_on_device(state: TrainState, train_set, index, dropout_rng, augment_rng,
-                         augment, size: int, label_smoothing: float = 0.0, flip=None):
+                         augment, size: int, label_smoothing: float = 0.0, flip=None,
+                         mixup_alpha: float = 0.0):
   """`_train_step_on_device`, jitted with the default backend's compiler options."""
   return _jitted(_train_step_on_device, jax.default_backend(),
-                 ("augment", "size", "label_smoothing"))(
-      state, train_set, index, dropout_rng, augment_rng, augment, size, label_smoothing, flip)
+                 ("augment", "size", "label_smoothing", "mixup_alpha"))(
+      state, train_set, index, dropout_rng, augment_rng, augment, size, label_smoothing, flip,
+      mixup_alpha)
 
 
 def place_on_devices(arrays: dict, mesh) -> dict:
@@ -586,7 +611,7 @@ ADDED_KEYS = {"eval_translate_weight": 0.5, "augment.alternate_flip": False,
               "model.stem_depth": 0, "model.activation": "relu",
               "model.residual_activation": "branch", "model.eca_kernel": 0,
               "model.zero_init_residual": False, "bn_recalibrate": False,
-              "model.pointwise_bf16": False, "model.dense_bf16": False}
+              "model.pointwise_bf16": False, "model.dense_bf16": False, "mixup_alpha": 0.0}
 
 
 def with_added_keys(saved: dict) -> dict:
@@ -676,6 +701,8 @@ def validate_config(config):
     problems.append(f"weight_decay must be >= 0, got {config.weight_decay}")
   if not 0 <= config.label_smoothing < 1:
     problems.append(f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
+  if config.mixup_alpha < 0:
+    problems.append(f"mixup_alpha must be >= 0, got {config.mixup_alpha}")
   devices = config.num_devices or jax.device_count()
   if not 0 <= config.num_devices <= jax.device_count():
     problems.append(f"num_devices must be in [0, {jax.device_count()}], got {config.num_devices}")
@@ -813,9 +840,10 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
     batch = shard_batch(batch, mesh)
     if on_device:
       return train_step_on_device(state, train_set, batch["index"], dropout_rng, augment_rng,
-                                  augment, size, config.label_smoothing, batch.get("flip"))
+                                  augment, size, config.label_smoothing, batch.get("flip"),
+                                  config.mixup_alpha)
     return train_step_on_host_batch(state, batch, dropout_rng, normalize, size,
-                                    config.label_smoothing)
+                                    config.label_smoothing, config.mixup_alpha)
 
   manager = checkpoint_manager(workdir, config.checkpoint_keep, track_best=held_out > 0)
   state = create_train_state(config, init_rng, learning_rate_fn, impl,

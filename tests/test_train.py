@@ -37,6 +37,40 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch(tiny_archive, tmp_path):
   assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
 
 
+def test_mixup_weight_keeps_the_larger_share_for_each_images_own_label():
+  keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+  a = np.asarray(jax.vmap(lambda k: train.mixup_weight(k, 1.0))(keys))
+  assert a.min() >= 0.5 and a.max() <= 1.0
+  # Beta(1, 1) is uniform, so max(u, 1 - u) is uniform on [1/2, 1]: mean 3/4.
+  assert abs(a.mean() - 0.75) < 0.01, a.mean()
+  # A small alpha draws weights near 0 or 1, folded to near 1.
+  small = np.asarray(jax.vmap(lambda k: train.mixup_weight(k, 0.1))(keys))
+  assert np.median(small) > 0.95
+
+
+def test_mixup_step_trains_on_each_image_mixed_with_its_neighbour(tiny_archive, tmp_path,
+                                                                   monkeypatch):
+  """The step's loss is a * CE(own label) + (1 - a) * CE(the neighbour's) on the mixed
+  images, with label smoothing applied to both targets; accuracy counts own labels."""
+  config = tiny_config(tiny_archive, tmp_path)
+  state = tiny_state(config)
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(6, 32, 32, 3)).astype(np.float32)
+  labels = np.array([3, 1, 4, 1, 5, 9], np.int32)
+  monkeypatch.setattr(train, "mixup_weight", lambda key, alpha: jnp.float32(0.7))
+  step = jax.jit(functools.partial(train._train_step, label_smoothing=0.1, mixup_alpha=0.4))
+  _, metrics = step(state, {"image": images, "label": labels}, jax.random.PRNGKey(1))
+
+  mixed = 0.7 * images + 0.3 * images[[5, 0, 1, 2, 3, 4]]
+  logits, _ = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                             mixed, train=True, mutable=["batch_stats"])
+  own = train.cross_entropy(logits, labels, 0.1)
+  neighbour = train.cross_entropy(logits, labels[[5, 0, 1, 2, 3, 4]], 0.1)
+  np.testing.assert_allclose(metrics["loss"], np.mean(0.7 * own + 0.3 * neighbour),
+                             rtol=1e-5)
+  np.testing.assert_allclose(metrics["accuracy"], np.mean(np.argmax(logits, -1) == labels))
+
+
 def test_onecycle_schedule_warms_up_then_decays_to_zero():
   config = load_config("base")
   fn = train.create_learning_rate_fn(config, steps_per_epoch=100)
@@ -393,6 +427,7 @@ def test_run_header_says_what_auto_bf16_resolved_to(monkeypatch):
     ({"batch_size": 0}, "batch_size must be > 0"),
     ({"augment.cutout_p": 1.5}, "augment.cutout_p must be in"),
     ({"label_smoothing": 1.0}, "label_smoothing must be in"),
+    ({"mixup_alpha": -0.2}, "mixup_alpha must be >= 0"),
     ({"augment.backend": "gpu"}, "augment.backend must be 'albumentations' or 'jax'"),
     ({"progressive_epochs": 1, "progressive_size": 4}, "progressive_size must be in"),
     ({"progressive_epochs": 2, "progressive_size": 16}, "progressive_epochs must be in"),
@@ -611,7 +646,8 @@ def test_device_augmentation_backend_trains_reproducibly(tiny_archive, tmp_path)
 def test_host_batch_step_normalises_and_resizes_then_takes_the_plain_step(tiny_archive,
                                                                           tmp_path):
   """The host pipeline sends augmented uint8 images; the step normalises them with the
-  run's statistics and resizes them (progressive resizing) before the same SGD step."""
+  run's statistics and resizes them (progressive resizing) before the same SGD step
+  (label smoothing and mixup passed through)."""
   config = tiny_config(tiny_archive, tmp_path, learning_rate=0.05, schedule="constant")
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
@@ -620,10 +656,11 @@ def test_host_batch_step_normalises_and_resizes_then_takes_the_plain_step(tiny_a
   normalize = functools.partial(input_pipeline.normalize_batch, mean=mean, std=std)
   dropout_key, start = jax.random.PRNGKey(1), tiny_state(config)
   batch = {"image": input_pipeline.resize_batch(normalize(images), 16), "label": labels}
-  expected, expected_metrics = jax.jit(train._train_step)(jax.tree.map(jnp.copy, start), batch,
-                                                          dropout_key)
+  plain_step = functools.partial(train._train_step, label_smoothing=0.1, mixup_alpha=0.4)
+  expected, expected_metrics = jax.jit(plain_step)(jax.tree.map(jnp.copy, start), batch,
+                                                   dropout_key)
   got, metrics = train.train_step_on_host_batch(start, {"image": images, "label": labels},
-                                                dropout_key, normalize, 16)
+                                                dropout_key, normalize, 16, 0.1, 0.4)
   np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(expected.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -658,10 +695,10 @@ def test_data_on_device_step_gathers_augments_and_trains_as_the_host_path(tiny_a
   batch = {"image": input_pipeline.resize_batch(
       augment(jax.random.fold_in(augment_key, 1), images[index]), 16), "label": labels[index]}
   expected, expected_metrics = train._train_step(jax.tree.map(jnp.copy, start), batch,
-                                                 dropout_key)
+                                                 dropout_key, 0.1, mixup_alpha=0.4)
   train_set = train.place_on_devices({"image": images, "label": labels}, train.make_mesh(1))
   got, metrics = train.train_step_on_device(start, train_set, index, dropout_key, augment_key,
-                                            augment, 16)
+                                            augment, 16, 0.1, mixup_alpha=0.4)
   assert int(got.step) == 2
   np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(expected.params)):
