@@ -21,11 +21,10 @@ def get_config(variant: str = ""):
     # Longer runs can afford the regularisation fast.py drops: base.py's rates of
     # ShiftScaleRotate (0.5) and one 16-px CoarseDropout hole (0.25; at half this
     # schedule 0.62 points above none and 0.30 above 0.5 on validation, docs/benchmarks.md).
-    # 220 epochs, the first half at 24 px (~0.6x a 32-px epoch): fast.py's bfloat16 step
-    # made room for 1.8x best.py's first 120. Spent on epochs, not on a 32x32 block that
-    # costs as much: 86.66 against 86.04% on validation at half these schedules, same wall
-    # (docs/benchmarks.md).
-    # Its convs take fast.py's 'auto' bfloat16 operands, as both screens did.
+    # 220 epochs, the first half at 24 px (~0.6x a 32-px epoch): its epochs, ~2x as fast
+    # as when it was fixed at 120 and now in fast.py's 'auto' bfloat16, fit 1.8x as many
+    # in its budget. Spent on epochs, not on a 32x32 block of the same cost: 86.66 against
+    # 86.04% on validation at half these schedules, the same wall (docs/benchmarks.md).
     c.num_epochs = 220
     c.progressive_epochs = 110
     c.augment.affine_p = 0.5
