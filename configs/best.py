@@ -3,11 +3,9 @@ frozen whitening stem, trained 9x as long with base.py's full augmentation; a ru
 the 90-minute budget on a 2-core CPU.
 
 Run:      python -m s9jax.train --config configs/best.py --workdir runs/best
-Expected: ~87.9% test accuracy (CIFAR-10 JPEG copy; 87.86% on report seed 100, its other
-two seeds still to run) in ~57 min wall on a 2-core Intel Xeon; the recipe before it (120
-epochs in float32) gave 87.77 +- 0.10%, min 87.68%, over 3 report seeds, in 60-73 min on
-a 2-core AMD EPYC. Dataset already prepared (figures with their commands and what is left
-toward 91.5%: docs/benchmarks.md).
+Expected: 88.06 +- 0.34% test accuracy, min 87.86% (CIFAR-10 JPEG copy, 3 report seeds)
+in 57-59 min wall on a 2-core Intel Xeon; dataset already prepared (figures with their
+commands and what is left toward 91.5%: docs/benchmarks.md).
 A fixed recipe, so it trains on all 50,000 images; to change it, tune on the validation
 split: --config.data.validation_size=5000.
 """
