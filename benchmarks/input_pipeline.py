@@ -90,11 +90,11 @@ class Trainer:
         batch = next_batch()
         self.state, metrics = train.train_step_on_device(
             self.state, train_set, batch["index"], self.key, self.key, augment,
-            self.size, self.config.label_smoothing, batch.get("flip"), self.config.mixup_alpha)
+            self.size, train.LossOptions.from_config(self.config), batch.get("flip"))
       else:
         self.state, metrics = train.train_step_on_host_batch(
             self.state, next_batch(), self.key, self.normalize, self.size,
-            self.config.label_smoothing, self.config.mixup_alpha)
+            train.LossOptions.from_config(self.config))
     jax.block_until_ready(metrics)
     return time.perf_counter() - start
 

@@ -52,10 +52,9 @@ def main():
            "label": rng.integers(0, 10, args.batch).astype(np.int32)}
   key = jax.random.PRNGKey(1)
   # Compile once, ahead of time, so the HLO written and mapped below is the very
-  # executable profiled (the compiled step takes the static label smoothing and mixup no
-  # more).
+  # executable profiled (the compiled step takes the static loss options no more).
   step = train.jitted_train_step(jax.default_backend()).lower(
-      state, batch, key, config.label_smoothing, config.mixup_alpha).compile()
+      state, batch, key, train.LossOptions.from_config(config)).compile()
   hlo = step.as_text()
   if args.hlo:
     pathlib.Path(args.hlo).write_text(hlo)

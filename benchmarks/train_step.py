@@ -42,13 +42,13 @@ def jax_images_per_second(config, batch: int, steps: int, size: int = 32) -> tup
   rng = np.random.default_rng(0)
   data = {"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
           "label": rng.integers(0, 10, batch).astype(np.int32)}
-  key = jax.random.PRNGKey(1)
+  key, loss_options = jax.random.PRNGKey(1), train.LossOptions.from_config(config)
   for _ in range(2):  # Compile and warm up.
-    state, metrics = train.train_step(state, data, key, config.label_smoothing, config.mixup_alpha)
+    state, metrics = train.train_step(state, data, key, loss_options)
   jax.block_until_ready(metrics)
   start = time.perf_counter()
   for _ in range(steps):
-    state, metrics = train.train_step(state, data, key, config.label_smoothing, config.mixup_alpha)
+    state, metrics = train.train_step(state, data, key, loss_options)
   jax.block_until_ready(metrics)
   params = sum(p.size for p in jax.tree.leaves(state.params))
   return batch * steps / (time.perf_counter() - start), params

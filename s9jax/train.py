@@ -18,7 +18,7 @@ import shutil
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -276,10 +276,22 @@ def mixup_weight(rng, alpha: float):
   return jnp.maximum(a, 1 - a)
 
 
-def _train_step(state: TrainState, batch, dropout_rng, label_smoothing: float = 0.0,
-                mixup_alpha: float = 0.0):
+class LossOptions(NamedTuple):
+  """The training loss's settings, one static argument of every jitted train step: a
+  hashable tuple, so each setting compiles its own program and a new one is added here
+  and in `from_config`, not to every step's signature."""
+  label_smoothing: float = 0.0
+  mixup_alpha: float = 0.0  # Off: the step traces as it did before mixup existed.
+
+  @classmethod
+  def from_config(cls, config) -> "LossOptions":
+    return cls(float(config.label_smoothing), float(config.mixup_alpha))
+
+
+def _train_step(state: TrainState, batch, dropout_rng, loss_options: LossOptions = LossOptions()):
   """One SGD step on one batch. Pure: the dropout key (and mixup's) is folded with the
   step number, so a resumed run draws the same masks."""
+  label_smoothing, mixup_alpha = loss_options
   rng = jax.random.fold_in(dropout_rng, state.step)
   images, labels = batch["image"], batch["label"]
   if mixup_alpha:  # Without it, the dropout keys stay those of runs before mixup existed.
@@ -317,47 +329,44 @@ def _jitted(step_fn, backend: str, static_argnames: tuple[str, ...]):
 
 
 def jitted_train_step(backend: str):
-  return _jitted(_train_step, backend, ("label_smoothing", "mixup_alpha"))
+  return _jitted(_train_step, backend, ("loss_options",))
 
 
-def train_step(state: TrainState, batch, dropout_rng, label_smoothing: float = 0.0,
-               mixup_alpha: float = 0.0):
+def train_step(state: TrainState, batch, dropout_rng, loss_options: LossOptions = LossOptions()):
   """`_train_step`, jitted with the default backend's compiler options."""
-  return jitted_train_step(jax.default_backend())(state, batch, dropout_rng, label_smoothing,
-                                                  mixup_alpha)
+  return jitted_train_step(jax.default_backend())(state, batch, dropout_rng, loss_options)
 
 
 def _train_step_at_size(state: TrainState, images, labels, dropout_rng, size: int,
-                        label_smoothing: float, mixup_alpha: float):
+                        loss_options: LossOptions):
   """`_train_step` on normalised `images`, first resized to `size` pixels where they
   differ (progressive resizing): the tail both input paths share."""
   if size != images.shape[1]:
     images = input_pipeline.resize_batch(images, size)
-  return _train_step(state, {"image": images, "label": labels}, dropout_rng, label_smoothing,
-                     mixup_alpha)
+  return _train_step(state, {"image": images, "label": labels}, dropout_rng, loss_options)
 
 
 def _train_step_on_host_batch(state: TrainState, batch, dropout_rng, normalize, size: int,
-                              label_smoothing: float = 0.0, mixup_alpha: float = 0.0):
+                              loss_options: LossOptions = LossOptions()):
   """`_train_step` on a host pipeline's batch of augmented uint8 images: `normalize`
   (`input_pipeline.normalize_batch` with the run's statistics bound) and the resize to
   `size` pixels (progressive resizing) run inside the step's one XLA program, off the
   host's per-image path, and the host sends a quarter of float32's bytes."""
   return _train_step_at_size(state, normalize(batch["image"]), batch["label"], dropout_rng,
-                             size, label_smoothing, mixup_alpha)
+                             size, loss_options)
 
 
 def train_step_on_host_batch(state: TrainState, batch, dropout_rng, normalize, size: int,
-                             label_smoothing: float = 0.0, mixup_alpha: float = 0.0):
+                             loss_options: LossOptions = LossOptions()):
   """`_train_step_on_host_batch`, jitted with the default backend's compiler options."""
   return _jitted(_train_step_on_host_batch, jax.default_backend(),
-                 ("normalize", "size", "label_smoothing", "mixup_alpha"))(
-      state, batch, dropout_rng, normalize, size, label_smoothing, mixup_alpha)
+                 ("normalize", "size", "loss_options"))(
+      state, batch, dropout_rng, normalize, size, loss_options)
 
 
 def _train_step_on_device(state: TrainState, train_set, index, dropout_rng, augment_rng,
-                          augment, size: int, label_smoothing: float = 0.0, flip=None,
-                          mixup_alpha: float = 0.0):
+                          augment, size: int, loss_options: LossOptions = LossOptions(),
+                          flip=None):
   """`_train_step` on a batch gathered from the uint8 training set held on the devices
   (`augment.backend = 'jax'`): the host sends only the records' `index` (and `flip`, with
   `augment.alternate_flip`). `augment` (`input_pipeline.device_augment` with the config
@@ -366,17 +375,16 @@ def _train_step_on_device(state: TrainState, train_set, index, dropout_rng, augm
   images = augment(jax.random.fold_in(augment_rng, state.step), train_set["image"][index],
                    flip=flip)
   return _train_step_at_size(state, images, train_set["label"][index], dropout_rng, size,
-                             label_smoothing, mixup_alpha)
+                             loss_options)
 
 
 def train_step_on_device(state: TrainState, train_set, index, dropout_rng, augment_rng,
-                         augment, size: int, label_smoothing: float = 0.0, flip=None,
-                         mixup_alpha: float = 0.0):
+                         augment, size: int, loss_options: LossOptions = LossOptions(),
+                         flip=None):
   """`_train_step_on_device`, jitted with the default backend's compiler options."""
   return _jitted(_train_step_on_device, jax.default_backend(),
-                 ("augment", "size", "label_smoothing", "mixup_alpha"))(
-      state, train_set, index, dropout_rng, augment_rng, augment, size, label_smoothing, flip,
-      mixup_alpha)
+                 ("augment", "size", "loss_options"))(
+      state, train_set, index, dropout_rng, augment_rng, augment, size, loss_options, flip)
 
 
 def place_on_devices(arrays: dict, mesh) -> dict:
@@ -834,16 +842,16 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
     augment = functools.partial(input_pipeline.device_augment, aug_config=config.augment,
                                 mean=mean, std=std)
 
+  loss_options = LossOptions.from_config(config)
+
   def one_step(state, batch, epoch):
     size = (config.progressive_size if epoch <= config.progressive_epochs
             else config.augment.image_size)
     batch = shard_batch(batch, mesh)
     if on_device:
       return train_step_on_device(state, train_set, batch["index"], dropout_rng, augment_rng,
-                                  augment, size, config.label_smoothing, batch.get("flip"),
-                                  config.mixup_alpha)
-    return train_step_on_host_batch(state, batch, dropout_rng, normalize, size,
-                                    config.label_smoothing, config.mixup_alpha)
+                                  augment, size, loss_options, batch.get("flip"))
+    return train_step_on_host_batch(state, batch, dropout_rng, normalize, size, loss_options)
 
   manager = checkpoint_manager(workdir, config.checkpoint_keep, track_best=held_out > 0)
   state = create_train_state(config, init_rng, learning_rate_fn, impl,

@@ -44,7 +44,8 @@ for n in (1, 8):
                                train.create_learning_rate_fn(config, 10)),
       train.replicated(mesh))
   state, metrics = train.train_step(state, train.shard_batch(batch, mesh),
-                                    jax.random.PRNGKey(1), config.label_smoothing)
+                                    jax.random.PRNGKey(1),
+                                    train.LossOptions.from_config(config))
   leaves = jax.tree.leaves((metrics["loss"], state.params, state.batch_stats))
   steps[n] = [np.asarray(leaf).ravel().tolist() for leaf in jax.device_get(leaves)]
 out["steps"] = steps

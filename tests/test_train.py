@@ -31,7 +31,7 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch(tiny_archive, tmp_path):
            "label": rng.integers(0, 10, 16).astype(np.int32)}
   losses = []
   for _ in range(15):
-    state, metrics = train.train_step(state, batch, jax.random.PRNGKey(1), 0.0)
+    state, metrics = train.train_step(state, batch, jax.random.PRNGKey(1))
     losses.append(float(metrics["loss"]))
   assert int(state.step) == 15
   assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
@@ -58,7 +58,7 @@ def test_mixup_step_trains_on_each_image_mixed_with_its_neighbour(tiny_archive, 
   images = rng.normal(size=(6, 32, 32, 3)).astype(np.float32)
   labels = np.array([3, 1, 4, 1, 5, 9], np.int32)
   monkeypatch.setattr(train, "mixup_weight", lambda key, alpha: jnp.float32(0.7))
-  step = jax.jit(functools.partial(train._train_step, label_smoothing=0.1, mixup_alpha=0.4))
+  step = jax.jit(functools.partial(train._train_step, loss_options=train.LossOptions(0.1, 0.4)))
   _, metrics = step(state, {"image": images, "label": labels}, jax.random.PRNGKey(1))
 
   mixed = 0.7 * images + 0.3 * images[[5, 0, 1, 2, 3, 4]]
@@ -292,7 +292,8 @@ def test_checkpoint_round_trip_gives_identical_params_and_eval(tiny_archive, tmp
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(10, 32, 32, 3)).astype(np.float32),
            "label": rng.integers(0, 10, 10).astype(np.int32)}
-  state, _ = train.train_step(state, batch, jax.random.PRNGKey(0), 0.1)
+  state, _ = train.train_step(state, batch, jax.random.PRNGKey(0),
+                              train.LossOptions(label_smoothing=0.1))
   expected = jax.device_get(state)
   images = rng.normal(size=(12, 32, 32, 3)).astype(np.float32)
   labels = rng.integers(0, 10, 12).astype(np.int32)
@@ -656,11 +657,12 @@ def test_host_batch_step_normalises_and_resizes_then_takes_the_plain_step(tiny_a
   normalize = functools.partial(input_pipeline.normalize_batch, mean=mean, std=std)
   dropout_key, start = jax.random.PRNGKey(1), tiny_state(config)
   batch = {"image": input_pipeline.resize_batch(normalize(images), 16), "label": labels}
-  plain_step = functools.partial(train._train_step, label_smoothing=0.1, mixup_alpha=0.4)
+  loss_options = train.LossOptions(label_smoothing=0.1, mixup_alpha=0.4)
+  plain_step = functools.partial(train._train_step, loss_options=loss_options)
   expected, expected_metrics = jax.jit(plain_step)(jax.tree.map(jnp.copy, start), batch,
                                                    dropout_key)
   got, metrics = train.train_step_on_host_batch(start, {"image": images, "label": labels},
-                                                dropout_key, normalize, 16, 0.1, 0.4)
+                                                dropout_key, normalize, 16, loss_options)
   np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(expected.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -694,11 +696,12 @@ def test_data_on_device_step_gathers_augments_and_trains_as_the_host_path(tiny_a
   start = tiny_state(config).replace(step=jnp.asarray(1, jnp.int32))
   batch = {"image": input_pipeline.resize_batch(
       augment(jax.random.fold_in(augment_key, 1), images[index]), 16), "label": labels[index]}
+  loss_options = train.LossOptions(label_smoothing=0.1, mixup_alpha=0.4)
   expected, expected_metrics = train._train_step(jax.tree.map(jnp.copy, start), batch,
-                                                 dropout_key, 0.1, mixup_alpha=0.4)
+                                                 dropout_key, loss_options)
   train_set = train.place_on_devices({"image": images, "label": labels}, train.make_mesh(1))
   got, metrics = train.train_step_on_device(start, train_set, index, dropout_key, augment_key,
-                                            augment, 16, 0.1, mixup_alpha=0.4)
+                                            augment, 16, loss_options)
   assert int(got.step) == 2
   np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(expected.params)):
