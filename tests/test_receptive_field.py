@@ -2,6 +2,9 @@
 support of the real networks; the constraint checker against models that break each
 S9 rule."""
 
+import pathlib
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -123,13 +126,45 @@ def test_stem_blocks_add_their_parameters_and_receptive_field_at_full_resolution
   assert gradient_support(model, 200) == report.rf
 
 
-@pytest.mark.parametrize("name,params,rf", [
-    ("seed", 198_776, 105), ("base", 190_738, 135), ("fast", 190_738, 135),
-    ("best", 190_738, 135), ("tiny", 59_706, 95)])
+CONFIGS = [("seed", 198_776, 105), ("base", 190_738, 135), ("fast", 190_738, 135),
+           ("best", 190_738, 135), ("tiny", 59_706, 95)]
+
+
+@pytest.mark.parametrize("name,params,rf", CONFIGS)
 def test_every_config_passes_every_constraint(name, params, rf):
   report = receptive_field.analyse_config(load_config(name))
   assert report.passed, report.failures()
   assert (report.total_params, report.rf) == (params, rf)
+
+
+def readme_results_rows() -> dict:
+  """The README's results table: config name -> its row's cells."""
+  rows = {}
+  for line in (pathlib.Path(__file__).parents[1] / "README.md").read_text().splitlines():
+    if match := re.match(r"\| `configs/(\w+)\.py` \|", line):
+      rows[match.group(1)] = [cell.strip() for cell in line.strip("|").split("|")]
+  return rows
+
+
+# The figures the README gives for a config were measured on the recipe it states: its
+# params, receptive field, epochs (and those at the progressive size) and precision
+# must be what the config computes, so a change to a config it derives from (tiny.py
+# from best.py, best.py from fast.py) cannot move it away from its figures unseen.
+@pytest.mark.parametrize("name,params,rf", CONFIGS)
+def test_readme_results_table_states_each_configs_recipe(name, params, rf):
+  config = load_config(name)
+  _, network, row_params, row_rf, epochs = readme_results_rows()[name][:5]
+  assert (row_params, row_rf) == (f"{params:,}", str(rf))
+  match = re.fullmatch(r"(\d+)(?: \((\d+) at (\d+) px\))?", epochs)
+  assert match, epochs
+  assert int(match.group(1)) == config.num_epochs
+  if match.group(2):
+    assert int(match.group(2)) == config.progressive_epochs
+    assert int(match.group(3)) == config.progressive_size
+  else:
+    assert config.progressive_epochs == 0
+  in_bf16 = config.model.pointwise_bf16 is not False or config.model.dense_bf16 is not False
+  assert ("bfloat16" in network) == in_bf16, network
 
 
 class Separable(nn.Module):
