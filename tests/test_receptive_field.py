@@ -1,6 +1,6 @@
 """The traced receptive field against hand-worked stacks and against the gradient
 support of the real networks; the constraint checker against models that break each
-S9 rule."""
+S9 rule; each config's network and recipe against the README's results table."""
 
 import pathlib
 import re
