@@ -7,8 +7,8 @@ recomputed on clean images after the last.
 
 Run:      python -m s9jax.train --config configs/tiny.py --workdir runs/tiny
 Expected: ~87.6% test accuracy (CIFAR-10 JPEG copy; 87.57 +- 0.08%, min 87.50%, over 3
-report seeds) in ~50-53 min wall on a 2-core laptop-class CPU, dataset already prepared
-(figures with their commands: docs/benchmarks.md).
+report seeds) in ~50-53 min wall on a 2-core AMD EPYC (one run on a 2-core Intel Xeon:
+34.8 min), dataset already prepared (figures with their commands: docs/benchmarks.md).
 A fixed recipe, so it trains on all 50,000 images; to change it, tune on the validation
 split: --config.data.validation_size=5000.
 """
