@@ -68,7 +68,7 @@ class Trainer:
   The state is donated to each step, so it lives here, threaded from step to step."""
 
   def __init__(self, config, mean, std, size: int):
-    self.config = config
+    self.loss_options = train.LossOptions.from_config(config)
     self.size = size
     self.normalize = functools.partial(input_pipeline.normalize_batch, mean=mean, std=std)
     self.state = train.create_train_state(config, jax.random.PRNGKey(0),
@@ -90,11 +90,10 @@ class Trainer:
         batch = next_batch()
         self.state, metrics = train.train_step_on_device(
             self.state, train_set, batch["index"], self.key, self.key, augment,
-            self.size, train.LossOptions.from_config(self.config), batch.get("flip"))
+            self.size, self.loss_options, batch.get("flip"))
       else:
         self.state, metrics = train.train_step_on_host_batch(
-            self.state, next_batch(), self.key, self.normalize, self.size,
-            train.LossOptions.from_config(self.config))
+            self.state, next_batch(), self.key, self.normalize, self.size, self.loss_options)
     jax.block_until_ready(metrics)
     return time.perf_counter() - start
 

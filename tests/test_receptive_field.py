@@ -2,6 +2,7 @@
 support of the real networks; the constraint checker against models that break each
 S9 rule; each config's network and recipe against the README's results table."""
 
+import functools
 import pathlib
 import re
 
@@ -137,6 +138,7 @@ def test_every_config_passes_every_constraint(name, params, rf):
   assert (report.total_params, report.rf) == (params, rf)
 
 
+@functools.cache
 def readme_results_rows() -> dict:
   """The README's results table: config name -> its row's cells."""
   rows = {}
