@@ -6,9 +6,10 @@ smoothing, 120 epochs in float32 of which 90 at 24 px, and BatchNorm statistics
 recomputed on clean images after the last.
 
 Run:      python -m s9jax.train --config configs/tiny.py --workdir runs/tiny
-Expected: ~87.6% test accuracy (CIFAR-10 JPEG copy; 87.57 +- 0.08%, min 87.50%, over 3
-report seeds) in ~50-53 min wall on a 2-core AMD EPYC (one run on a 2-core Intel Xeon:
-34.8 min), dataset already prepared (figures with their commands: docs/benchmarks.md).
+Expected: ~87.6% test accuracy (CIFAR-10 JPEG copy, over 3 report seeds: 87.63 +- 0.09%,
+min 87.53%, in 34.8-37.7 min wall on a 2-core Intel Xeon; 87.57 +- 0.08%, min 87.50%, in
+50.2-52.8 min on a 2-core AMD EPYC), dataset already prepared (figures with their
+commands: docs/benchmarks.md).
 A fixed recipe, so it trains on all 50,000 images; to change it, tune on the validation
 split: --config.data.validation_size=5000.
 """
