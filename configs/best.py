@@ -3,7 +3,7 @@ frozen whitening stem, trained 9x as long with base.py's full augmentation; a ru
 the 90-minute budget on a 2-core CPU.
 
 Run:      python -m s9jax.train --config configs/best.py --workdir runs/best
-Expected: 88.06 +- 0.34% test accuracy, min 87.86% (CIFAR-10 JPEG copy, 3 report seeds)
+Expected: 88.17 +- 0.35% test accuracy, min 87.86% (CIFAR-10 JPEG copy, 4 report seeds)
 in 57-59 min wall on a 2-core Intel Xeon; dataset already prepared (figures with their
 commands and what is left toward 91.5%: docs/benchmarks.md).
 A fixed recipe, so it trains on all 50,000 images; to change it, tune on the validation
