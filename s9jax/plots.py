@@ -15,17 +15,30 @@ def to_display(images: np.ndarray, mean, std) -> np.ndarray:
 
 
 def image_grid(path, images, titles, mean, std, columns: int = 8, suptitle: str = ""):
+  """The images in rows of `columns`, each under its title. One picture in one Axes, the
+  titles as text: a subplot per image took ~1 s for 32 (their axes and tight_layout),
+  paid twice by every training run; this takes ~0.2."""
   images = to_display(np.asarray(images), mean, std)
-  rows = max(1, int(np.ceil(len(images) / columns)))
-  fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.4, rows * 1.8))
-  for ax in np.ravel(axes):
-    ax.axis("off")
-  for ax, image, title in zip(np.ravel(axes), images, titles):
-    ax.imshow(image, interpolation="nearest")
-    ax.set_title(title, fontsize=7)
+  count, height, width = images.shape[:3]
+  rows = max(1, -(-count // columns))
+  cell_inches = (1.4, 1.8)  # Width, height: the image, and above it room for two lines.
+  pad = max(1, width // 8)
+  cell_width = width + pad
+  cell_height = round(cell_width * cell_inches[1] / cell_inches[0])
+  sheet = np.ones((rows * cell_height, columns * cell_width, images.shape[3]), images.dtype)
+  heading = 0.3 if suptitle else 0.0  # Inches above the grid for the suptitle.
+  figure_size = (columns * cell_inches[0], rows * cell_inches[1] + heading)
+  fig = plt.figure(figsize=figure_size)
+  ax = fig.add_axes((0.0, 0.0, 1.0, 1.0 - heading / figure_size[1]))
+  ax.set_axis_off()
+  for k, (image, title) in enumerate(zip(images, titles)):
+    row, column = divmod(k, columns)
+    top, left = (row + 1) * cell_height - height - pad // 2, column * cell_width + pad // 2
+    sheet[top:top + height, left:left + width] = image
+    ax.text(left + width / 2, top - pad / 2, title, fontsize=7, ha="center", va="bottom")
+  ax.imshow(sheet, interpolation="nearest", aspect="auto")
   if suptitle:
     fig.suptitle(suptitle, fontsize=9)
-  fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
