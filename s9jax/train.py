@@ -120,6 +120,14 @@ def create_learning_rate_fn(config, steps_per_epoch: int):
   raise ConfigError(f"schedule must be 'constant' or 'onecycle', got {config.schedule!r}")
 
 
+@functools.partial(jax.jit, static_argnums=0)  # Static: any Python int seeds it, as eagerly.
+def run_keys(seed: int):
+  """The initialiser's, dropout's and the on-device augmentation's keys of a run. One
+  program, compiled once a process for a seed: op by op, its random ops compiled three."""
+  init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
+  return init_rng, dropout_rng, jax.random.fold_in(jax.random.PRNGKey(seed), 0xA06)
+
+
 def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
   if config.optimizer not in ("sgd", "muon"):
     raise ConfigError(f"optimizer must be 'sgd' or 'muon', got {config.optimizer!r}")
@@ -844,11 +852,9 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
   write_workdir_config(workdir, config)  # Only now: a run that could not start locks nothing.
 
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
-  # Jitted, these are one small program each; op by op, ~10 (~0.4 s a run).
+  # Jitted: one small program, where op by op the schedule's arithmetic compiled ~7.
   logged_learning_rate = jax.jit(learning_rate_fn)
-  init_rng, dropout_rng, augment_rng = jax.jit(lambda: (
-      *jax.random.split(jax.random.PRNGKey(config.seed)),
-      jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xA06)))()
+  init_rng, dropout_rng, augment_rng = run_keys(config.seed)
   if on_device:  # Placed once; from here on the host sends each step's indices alone.
     train_set = place_on_devices({"image": train_images, "label": train_labels}, mesh)
     augment = functools.partial(input_pipeline.device_augment, aug_config=config.augment,

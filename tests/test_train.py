@@ -408,6 +408,16 @@ def test_cli_trains_resumes_and_eval_restores_the_same_accuracy(tiny_archive, tm
   assert (work / "confusion_matrix.png").exists()
 
 
+@pytest.mark.parametrize("seed", [0, 101, -1, 5_000_000_000])
+def test_run_keys_are_the_eager_keys_for_any_python_int_seed(seed):
+  # One jitted program makes them; a run's draws must not depend on that, nor may a
+  # seed beyond int32 (which a traced argument would overflow) fail.
+  init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
+  augment_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 0xA06)
+  for got, want in zip(train.run_keys(seed), (init_rng, dropout_rng, augment_rng)):
+    np.testing.assert_array_equal(got, want)
+
+
 def test_run_header_says_what_auto_bf16_resolved_to(monkeypatch):
   # fast.py asks for 'auto': its first line names the precision this machine gave it.
   fast, base = load_config("fast"), load_config("base")
