@@ -23,13 +23,13 @@ def image_grid(path, images, titles, mean, std, columns: int = 8, suptitle: str 
   titles as text: a subplot per image took ~1 s for 32 (their axes and tight_layout),
   paid twice by every training run; this takes ~0.2."""
   images = to_display(np.asarray(images), mean, std)
-  count, height, width = images.shape[:3]
+  count, height, width, channels = images.shape
   rows = max(1, -(-count // columns))
   cell_inches = (1.4, 1.8)  # Width, height: the image, and above it room for two lines.
   pad = max(1, width // 8)
   cell_width = width + pad
   cell_height = round(cell_width * cell_inches[1] / cell_inches[0])
-  sheet = np.ones((rows * cell_height, columns * cell_width, images.shape[3]), images.dtype)
+  sheet = np.ones((rows * cell_height, columns * cell_width, channels), images.dtype)
   heading = 0.3 if suptitle else 0.0  # Inches above the grid for the suptitle.
   figure_size = (columns * cell_inches[0], rows * cell_inches[1] + heading)
   fig = _figure(figure_size)

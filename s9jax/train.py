@@ -124,8 +124,9 @@ def create_learning_rate_fn(config, steps_per_epoch: int):
 def run_keys(seed: int):
   """The initialiser's, dropout's and the on-device augmentation's keys of a run. One
   program, compiled once a process for a seed: op by op, its random ops compiled three."""
-  init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
-  return init_rng, dropout_rng, jax.random.fold_in(jax.random.PRNGKey(seed), 0xA06)
+  key = jax.random.PRNGKey(seed)
+  init_rng, dropout_rng = jax.random.split(key)
+  return init_rng, dropout_rng, jax.random.fold_in(key, 0xA06)
 
 
 def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
