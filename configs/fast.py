@@ -5,11 +5,11 @@ pixels, lighter augmentation, flip-and-translate test-time augmentation.
 
 Run:      python -m s9jax.train --config configs/fast.py --workdir runs/fast
 Expected: ~85.2% test accuracy (CIFAR-10 JPEG copy, over 5 report seeds: 85.16 +- 0.26%,
-min 84.88%, on a 2-core AMD EPYC, in bfloat16, 5.4-7.4 min wall, the range one VM's fast
-and slow hours; 85.34 +- 0.29%, min 85.05%, on a 2-core Intel Xeon, in bfloat16 on AMX
-tiles, 4.9-5.6 min in its fast hours, 6.0-6.5 in slower ones), dataset already prepared
-and compiled programs cached by an earlier run (figures with their commands:
-docs/benchmarks.md).
+min 84.88%, on a 2-core AMD EPYC, in bfloat16, 5.4-5.9 min wall in that VM's fast hours,
+up to 7.9 in its slow ones; 85.34 +- 0.29%, min 85.05%, on a 2-core Intel Xeon, in
+bfloat16 on AMX tiles, 4.9-5.6 min in its fast hours, 6.0-6.5 in slower ones), dataset
+already prepared and compiled programs cached by an earlier run (figures with their
+commands: docs/benchmarks.md).
 A fixed recipe, so it trains on all 50,000 images; to change it, tune on the validation
 split: --config.data.validation_size=5000.
 """
