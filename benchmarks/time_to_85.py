@@ -23,19 +23,22 @@ import subprocess
 import sys
 import time
 
+import ml_collections
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from s9jax import train  # noqa: E402
 
 
 def epoch_times(records: list[dict], config: dict) -> str:
   """'median epoch 10.6 s at 24 px, 17.8 s at 32 px; the last 24.0 s' from a run's
-  metrics records and its config.json: each epoch's size as `train.py` picks it, the
-  last epoch (which also evaluates the test set) on its own."""
+  metrics records and its config.json: each epoch's size as the run picked it, the last
+  epoch (which also evaluates the test set) on its own."""
+  config = ml_collections.ConfigDict(config)
   by_size: dict[int, list[float]] = {}
   for record in records[:-1]:
-    size = (config["progressive_size"] if record["epoch"] <= config["progressive_epochs"]
-            else config["augment"]["image_size"])
+    size = train.epoch_image_size(config, record["epoch"])
     by_size.setdefault(size, []).append(record["epoch_seconds"])
   sizes = ", ".join(f"{np.median(seconds):.1f} s at {size} px"
                     for size, seconds in by_size.items())

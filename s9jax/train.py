@@ -129,6 +129,13 @@ def run_keys(seed: int):
   return init_rng, dropout_rng, jax.random.fold_in(key, 0xA06)
 
 
+def epoch_image_size(config, epoch: int) -> int:
+  """The pixels epoch `epoch` (from 1) trains at: `progressive_size` for the first
+  `progressive_epochs` (progressive resizing), then `augment.image_size`."""
+  return (config.progressive_size if epoch <= config.progressive_epochs
+          else config.augment.image_size)
+
+
 def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
   if config.optimizer not in ("sgd", "muon"):
     raise ConfigError(f"optimizer must be 'sgd' or 'muon', got {config.optimizer!r}")
@@ -864,8 +871,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, stop: list) -> list[dict]
   loss_options = LossOptions.from_config(config)
 
   def one_step(state, batch, epoch):
-    size = (config.progressive_size if epoch <= config.progressive_epochs
-            else config.augment.image_size)
+    size = epoch_image_size(config, epoch)
     batch = shard_batch(batch, mesh)
     if on_device:
       return train_step_on_device(state, train_set, batch["index"], dropout_rng, augment_rng,
