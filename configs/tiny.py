@@ -6,12 +6,10 @@ smoothing, 120 epochs in float32 of which 90 at 24 px, and BatchNorm statistics
 recomputed on clean images after the last.
 
 Run:      python -m s9jax.train --config configs/tiny.py --workdir runs/tiny
-Expected: ~87.6% test accuracy (CIFAR-10 JPEG copy, over 3 report seeds: 87.63 +- 0.09%,
-min 87.53%, in 34.8-37.7 min wall on a 2-core Intel Xeon; 87.57 +- 0.08%, min 87.50%, in
-50.2-52.8 min on a 2-core AMD EPYC on 2026-12-04's code, where the code of the Intel
-figures gave 87.29 and 87.42% for seeds 100 and 101, in 44-49 min: a margin within a
-seed's spread), dataset already prepared (figures with their commands:
-docs/benchmarks.md).
+Expected: ~87.5% test accuracy (CIFAR-10 JPEG copy, over the same 3 report seeds:
+87.63 +- 0.09%, min 87.53%, in 34.8-37.7 min wall on a 2-core Intel Xeon; 87.36 +- 0.07%,
+min 87.29%, in 39.5-48.6 min on a 2-core AMD EPYC: under 87.5% there), dataset already
+prepared (figures with their commands: docs/benchmarks.md).
 A fixed recipe, so it trains on all 50,000 images; to change it, tune on the validation
 split: --config.data.validation_size=5000.
 """
