@@ -3,7 +3,7 @@ with 8 host devices (the rest of the suite keeps one device) runs every drill, a
 test reads its part of the results. It runs what an 8-device GPU or TPU host runs, XLA's
 own convolutions, flax's BatchNorm and Dropout (conv_impl 'lax', 'auto' there); the CPU
 forms under several devices are tests/test_multihost.py's ('fast'). 'lax' also traces in
-a fraction of 'fast''s time: the script took 31 s instead of 47 s."""
+a fraction of 'fast''s time (docs/benchmarks.md, "the suite's drills")."""
 
 import json
 import os
