@@ -17,7 +17,6 @@ the epochs), then mean +- std (sample) and min.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import subprocess
 import sys
@@ -28,13 +27,13 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from s9jax import train  # noqa: E402
+from s9jax import inference, train  # noqa: E402
 
 
 def epoch_times(records: list[dict], config: dict) -> str:
   """'median epoch 10.6 s at 24 px, 17.8 s at 32 px; the last 24.0 s' from a run's
-  metrics records and its config.json: each epoch's size as the run picked it, the last
-  epoch (which also evaluates the test set) on its own."""
+  metrics records and its config (a ConfigDict or config.json's dict): each epoch's size
+  as the run picked it, the last epoch (which also evaluates the test set) on its own."""
   config = ml_collections.ConfigDict(config)
   by_size: dict[int, list[float]] = {}
   for record in records[:-1]:
@@ -67,15 +66,14 @@ def main():
     wall = time.perf_counter() - start
     if result.returncode != 0:
       sys.exit(f"error: seed {seed} failed (exit {result.returncode}): {' '.join(command)}")
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    config = json.loads((workdir / "config.json").read_text())
+    records, config = train.read_metrics(workdir), inference.load_config(workdir)
     final = 100 * records[-1]["test_accuracy"]
     accuracies.append(final)
-    epochs = records[-1]["elapsed_seconds"]
+    seconds_of_epochs = records[-1]["elapsed_seconds"]
     print(f"seed {seed}: final test accuracy {final:.2f}% after {records[-1]['epoch']} epochs, "
-          f"{wall / 60:.2f} min wall ({epochs / 60:.2f} min of epochs); "
+          f"{wall / 60:.2f} min wall ({seconds_of_epochs / 60:.2f} min of epochs); "
           f"{'>=' if final >= args.target else '<'} {args.target:g}%\n"
-          f"  {epoch_times(records, config)}; {(wall - epochs) / 60:.2f} min besides the "
+          f"  {epoch_times(records, config)}; {(wall - seconds_of_epochs) / 60:.2f} min besides the "
           "epochs", flush=True)
   finals = np.array(accuracies)
   spread = finals.std(ddof=1) if len(finals) > 1 else 0.0
