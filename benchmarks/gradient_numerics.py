@@ -11,8 +11,8 @@ XLA forms; 'native': the C++ kernels, where they build), one line per batch with
 medians over the parameter leaves of |g - g_ref| / |g_ref|:
   order    the gradient against the same batch's in reverse order (the loss is a mean
            over images, so the two are equal in exact arithmetic);
-  float64  the gradient against 'lax''s in float64 (jax_enable_x64), the exact one to
-           ~1e-15.
+  float64  the gradient against the 'lax' gradient in float64 (jax_enable_x64), exact
+           far below float32's rounding.
 Both measure float32 rounding, amplified by how sensitive the gradient is to it on that
 batch. The test split is never read.
 """
