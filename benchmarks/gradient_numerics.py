@@ -13,8 +13,9 @@ medians over the parameter leaves of |g - g_ref| / |g_ref|:
            over images, so the two are equal in exact arithmetic);
   float64  the gradient against the 'lax' network computed in float64 (jax_enable_x64;
            only its logits are rounded to float32, as the network returns them).
-Both measure float32 rounding, amplified by how sensitive the gradient is to it on that
-batch. The test split is never read.
+Both measure float32 rounding (and bfloat16's, where the config's 'auto' keys take it),
+amplified by how sensitive the gradient is to it on that batch. The test split is never
+read.
 """
 
 from __future__ import annotations
