@@ -49,8 +49,7 @@ def gradient_fn(model, dtype):
   def loss(params, batch_stats, images, labels):
     logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, images,
                             train=True, mutable=["batch_stats"])
-    log_p = jax.nn.log_softmax(logits.astype(dtype))
-    return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=1))
+    return jnp.mean(train.cross_entropy(logits.astype(dtype), labels))
 
   grad = jax.jit(jax.grad(loss))
   cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)  # noqa: E731
@@ -81,16 +80,14 @@ def main():
   mean, std = input_pipeline.channel_stats(images)
 
   impls = ["lax", "fast"] + (["native"] if native.available() else [])
-  reference = models.create_model(config.model, conv_impl="lax")
-  sample = jnp.zeros((BATCH, 32, 32, 3), jnp.float32)
-  variables = jax.jit(lambda rng: reference.init(rng, sample, train=False))(
-      {"params": jax.random.PRNGKey(0)})
+  # A run's initial state (its learning rate does not enter a gradient).
+  state = train.create_train_state(config, jax.random.PRNGKey(0), lambda step: 0.0, "lax")
   if config.whiten_stem:
-    name, key = train.STEM_KERNEL
-    kernel = train.whitening_kernel(images, mean, std, variables["params"][name][key].shape[-1])
-    variables["params"][name][key] = jnp.asarray(kernel)
+    state = train.with_whitened_stem(state, images, mean, std)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
   # Computed in float64 throughout: the module's own dtype (casting its inputs and params
   # is not enough: each layer casts back to its dtype). Its logits still end in float32.
+  reference = models.create_model(config.model, conv_impl="lax")
   exact = gradient_fn(reference.clone(dtype=jnp.float64), jnp.float64)
   grads = {impl: gradient_fn(models.create_model(config.model, conv_impl=impl), jnp.float32)
            for impl in impls}
